@@ -1,0 +1,166 @@
+"""Per-rank storage of the class centres W and their SGD momentum ("parameter server" style).
+
+Each step the Partial FC operator pulls the sampled rows (``gather``), computes their gradient and hands it
+back (``sgd_update``), which applies MXNet's ``sgd_mom_update`` rule to those rows only:
+    v <- momentum * v - lr * (g + wd * w);   w <- w + v
+Rows that were not sampled keep weight and momentum untouched.
+
+Where the shard lives:
+* ``HostBank``   - NumPy arrays in host memory (also the CPU "device" bank: on a CPU they are the same memory);
+* ``DeviceBank`` - NDArrays on an accelerator context (``mx.gpu(i)``);
+* ``DiskBank``   - (``disk_bank.py``) an out-of-core file for shards larger than RAM.
+
+Initial centres are a pure function of (seed, global class id) (``init_rows``), so a shard's initial rows are
+the same whatever the world size and whichever bank holds them.
+"""
+import numpy as np
+import mxnet as mx
+
+INIT_STD = 0.01
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def _splitmix64(x):
+    """SplitMix64 finaliser over a uint64 array (a good, fast hash of a counter)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
+
+
+def init_rows(class_ids, dim, seed, std=INIT_STD):
+    """Initial centres of the given global class ids: N(0, std^2) entries, float32 (len(class_ids), dim).
+
+    Entry (c, j) is Box-Muller of a SplitMix64 hash of (seed, c * dim + j): independent of sharding, of the
+    bank and of the order rows are asked for, and cheap to recompute for any subset (the disk bank builds rows
+    lazily on first use).
+    """
+    ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    out = np.empty((ids.size, dim), dtype=np.float32)
+    key = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
+    cols = np.arange(dim, dtype=np.uint64)
+    chunk = max(1, (1 << 21) // max(dim, 1))
+    for lo in range(0, ids.size, chunk):
+        block = ids[lo:lo + chunk].astype(np.uint64)
+        with np.errstate(over="ignore"):
+            h = _splitmix64((block[:, None] * np.uint64(dim) + cols) ^ key)
+        u1 = ((h >> np.uint64(40)).astype(np.float64) + 1.0) * (1.0 / (1 << 24))   # (0, 1]
+        u2 = (h & np.uint64(0xFFFFFF)).astype(np.float64) * (1.0 / (1 << 24))     # [0, 1)
+        out[lo:lo + chunk] = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    return out
+
+
+def sgd_momentum_numpy(w, g, v, lr, momentum, wd):
+    """In place: v <- momentum*v - lr*(g + wd*w); w <- w + v.  ``g`` is used as scratch space."""
+    g += wd * w
+    g *= -lr
+    v *= momentum
+    v += g
+    w += v
+
+
+class HostBank:
+    """The shard and its momentum as NumPy arrays in host memory."""
+
+    native = "numpy"
+
+    def __init__(self, num_local, dim, class_start, seed=0):
+        self.num_local, self.dim, self.class_start = int(num_local), int(dim), int(class_start)
+        self.weight = np.empty((self.num_local, self.dim), dtype=np.float32)
+        chunk = 1 << 16
+        for lo in range(0, self.num_local, chunk):
+            hi = min(lo + chunk, self.num_local)
+            self.weight[lo:hi] = init_rows(np.arange(lo, hi) + self.class_start, self.dim, seed)
+        self.momentum = np.zeros_like(self.weight)
+
+    def gather(self, index):
+        """The rows ``index`` (a copy), or the whole shard itself when ``index`` is None."""
+        return self.weight if index is None else np.take(self.weight, index, axis=0)
+
+    def sgd_update(self, index, rows, grad, lr, momentum, wd):
+        """Apply the SGD-momentum step to rows ``index`` whose current weights are ``rows``."""
+        if index is None:
+            sgd_momentum_numpy(self.weight, grad, self.momentum, lr, momentum, wd)
+            return
+        mom = np.take(self.momentum, index, axis=0)
+        sgd_momentum_numpy(rows, grad, mom, lr, momentum, wd)
+        self.weight[index] = rows
+        self.momentum[index] = mom
+
+    def read(self, lo, hi):
+        """Copies of weight and momentum rows [lo, hi) (local ids), for checkpoints."""
+        return self.weight[lo:hi].copy(), self.momentum[lo:hi].copy()
+
+    def write(self, lo, weight, momentum):
+        """Overwrite rows [lo, lo + len(weight)) (local ids), when resuming."""
+        self.weight[lo:lo + len(weight)] = weight
+        self.momentum[lo:lo + len(momentum)] = momentum
+
+
+class DeviceBank:
+    """The shard and its momentum as NDArrays on ``ctx`` (an accelerator's memory)."""
+
+    native = "ndarray"
+
+    def __init__(self, num_local, dim, class_start, seed=0, ctx=None):
+        self.num_local, self.dim, self.class_start = int(num_local), int(dim), int(class_start)
+        self.ctx = ctx or mx.cpu()
+        self._w = mx.nd.zeros((self.num_local, self.dim), ctx=self.ctx, dtype="float32")
+        self._m = mx.nd.zeros((self.num_local, self.dim), ctx=self.ctx, dtype="float32")
+        chunk = 1 << 16
+        for lo in range(0, self.num_local, chunk):
+            hi = min(lo + chunk, self.num_local)
+            self._w[lo:hi] = mx.nd.array(init_rows(np.arange(lo, hi) + self.class_start, self.dim, seed),
+                                         ctx=self.ctx)
+
+    @property
+    def weight(self):
+        return self._w.asnumpy()
+
+    @property
+    def momentum(self):
+        return self._m.asnumpy()
+
+    def _index(self, index):
+        return mx.nd.array(index, ctx=self.ctx, dtype="int64")
+
+    def gather(self, index):
+        return self._w if index is None else mx.nd.take(self._w, self._index(index))
+
+    def sgd_update(self, index, rows, grad, lr, momentum, wd):
+        kw = dict(lr=float(lr), momentum=float(momentum), wd=float(wd))
+        if index is None:
+            mx.nd.sgd_mom_update(self._w, grad, self._m, out=self._w, **kw)
+            return
+        idx = self._index(index)
+        mom = mx.nd.take(self._m, idx)
+        mx.nd.sgd_mom_update(rows, grad, mom, out=rows, **kw)
+        self._w[idx] = rows
+        self._m[idx] = mom
+
+    def read(self, lo, hi):
+        return self._w[lo:hi].asnumpy(), self._m[lo:hi].asnumpy()
+
+    def write(self, lo, weight, momentum):
+        hi = lo + len(weight)
+        self._w[lo:hi] = mx.nd.array(weight, ctx=self.ctx)
+        self._m[lo:hi] = mx.nd.array(momentum, ctx=self.ctx)
+
+
+def make_bank(location, ctx, num_local, dim, class_start, seed=0, kernels="numpy", disk_dir=None):
+    """The bank for ``location`` in {'device', 'host', 'disk'}.
+
+    'device' means the memory the operator computes in: NDArrays on ``ctx`` for the NDArray kernels, host
+    NumPy arrays for the NumPy kernels (which only run on a CPU context, where the two are the same memory).
+    """
+    if location == "disk":
+        from recognition.disk_bank import DiskBank
+        return DiskBank(num_local, dim, class_start, seed=seed, directory=disk_dir)
+    if location == "host" or (location == "device" and kernels == "numpy"):
+        return HostBank(num_local, dim, class_start, seed=seed)
+    if location == "device":
+        return DeviceBank(num_local, dim, class_start, seed=seed, ctx=ctx)
+    raise ValueError("bank_location must be one of 'device', 'host', 'disk'; got %r" % (location,))

@@ -1,0 +1,77 @@
+"""Memory banks: deterministic initialisation, gather, and the SGD-momentum step on sampled rows only."""
+import numpy as np
+import mxnet as mx
+import pytest
+
+from recognition.dist import shard_range
+from recognition.memory_bank import DeviceBank, HostBank, init_rows, make_bank
+
+
+def test_shards_are_contiguous_balanced_and_cover_every_class():
+    for num_classes in (10, 11, 1000, 1001):
+        for world in (1, 2, 3, 8):
+            ranges = [shard_range(num_classes, world, r) for r in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == num_classes
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            sizes = [e - s for s, e in ranges]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_init_rows_is_a_function_of_seed_and_class_id():
+    a = init_rows(np.arange(100), 16, seed=5)
+    b = init_rows(np.array([70, 3, 99]), 16, seed=5)
+    np.testing.assert_array_equal(b, a[[70, 3, 99]])
+    assert not np.array_equal(init_rows(np.arange(100), 16, seed=6), a)
+    big = init_rows(np.arange(20000), 64, seed=0)
+    assert abs(big.mean()) < 2e-4 and abs(big.std() - 0.01) < 2e-4
+    # shards of any world size start from the same rows
+    shard = HostBank(40, 16, class_start=60, seed=5)
+    np.testing.assert_array_equal(shard.weight, a[60:100])
+
+
+def _hand_sgd(w, v, g, lr, mom, wd):
+    v_new = mom * v - lr * (g + wd * w)
+    return w + v_new, v_new
+
+
+@pytest.mark.parametrize("bank_kind", ["host", "device_ndarray"])
+@pytest.mark.parametrize("full", [False, True])
+def test_sgd_step_touches_only_the_sampled_rows(bank_kind, full):
+    num_local, dim = 30, 8
+    if bank_kind == "host":
+        bank = HostBank(num_local, dim, class_start=100, seed=1)
+        to_native = lambda a: a
+    else:
+        bank = DeviceBank(num_local, dim, class_start=100, seed=1, ctx=mx.cpu())
+        to_native = lambda a: mx.nd.array(a)
+    index = None if full else np.array([2, 3, 17, 29], dtype=np.int64)
+    rows_idx = np.arange(num_local) if full else index
+    rng = np.random.default_rng(0)
+    w0, v0 = bank.weight.copy(), bank.momentum.copy()
+    expected_w, expected_v = w0.copy(), v0.copy()
+    for step, lr in enumerate((0.1, 0.05)):
+        grad = rng.standard_normal((rows_idx.size, dim)).astype(np.float32)
+        rows = bank.gather(index)
+        got_rows = rows.asnumpy() if isinstance(rows, mx.nd.NDArray) else rows
+        np.testing.assert_allclose(got_rows, expected_w[rows_idx], rtol=1e-6, atol=1e-8)
+        bank.sgd_update(index, rows, to_native(grad.copy()), lr, 0.9, 5e-4)
+        w_new, v_new = _hand_sgd(expected_w[rows_idx].astype(np.float64), expected_v[rows_idx].astype(np.float64),
+                                 grad.astype(np.float64), lr, 0.9, 5e-4)
+        expected_w[rows_idx], expected_v[rows_idx] = w_new, v_new
+        np.testing.assert_allclose(bank.weight, expected_w, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(bank.momentum, expected_v, rtol=1e-6, atol=1e-8)
+    untouched = np.setdiff1d(np.arange(num_local), rows_idx)
+    np.testing.assert_array_equal(bank.weight[untouched], w0[untouched])
+    np.testing.assert_array_equal(bank.momentum[untouched], v0[untouched])
+    assert np.all(bank.momentum[untouched] == 0)
+
+
+def test_read_write_round_trip_and_bad_location():
+    bank = HostBank(10, 4, class_start=0)
+    w = np.ones((3, 4), np.float32)
+    bank.write(5, w, 2 * w)
+    got_w, got_m = bank.read(5, 8)
+    np.testing.assert_array_equal(got_w, w)
+    np.testing.assert_array_equal(got_m, 2 * w)
+    with pytest.raises(ValueError, match="bank_location"):
+        make_bank("cloud", mx.cpu(), 10, 4, 0)
