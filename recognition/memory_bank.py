@@ -1,9 +1,11 @@
 """Per-rank storage of the class centres W and their SGD momentum ("parameter server" style).
 
-Each step the Partial FC operator pulls the sampled rows (``gather``), computes their gradient and hands it
-back (``sgd_update``), which applies MXNet's ``sgd_mom_update`` rule to those rows only:
+Each step the Partial FC operator pulls the sampled rows, L2-normalised (``pull``), computes the gradient with
+respect to those unit rows and hands it back (``apply_grad``); the bank turns it into the gradient of the raw
+rows, g = (gu - u (u . gu)) / ||w||, and applies MXNet's ``sgd_mom_update`` rule to those rows only:
     v <- momentum * v - lr * (g + wd * w);   w <- w + v
-Rows that were not sampled keep weight and momentum untouched.
+Rows that were not sampled keep weight and momentum untouched. Fusing the normalisation into the bank lets the
+CPU bank do pull and update in one pass over the rows each (``cpu_kernels``).
 
 Where the shard lives:
 * ``HostBank``   - NumPy arrays in host memory (also the CPU "device" bank: on a CPU they are the same memory);
@@ -15,6 +17,9 @@ the same whatever the world size and whichever bank holds them.
 """
 import numpy as np
 import mxnet as mx
+
+from recognition import cpu_kernels
+from recognition.cpu_kernels import NORM_EPS
 
 INIT_STD = 0.01
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -53,15 +58,6 @@ def init_rows(class_ids, dim, seed, std=INIT_STD):
     return out
 
 
-def sgd_momentum_numpy(w, g, v, lr, momentum, wd):
-    """In place: v <- momentum*v - lr*(g + wd*w); w <- w + v.  ``g`` is used as scratch space."""
-    g += wd * w
-    g *= -lr
-    v *= momentum
-    v += g
-    w += v
-
-
 class HostBank:
     """The shard and its momentum as NumPy arrays in host memory."""
 
@@ -75,20 +71,18 @@ class HostBank:
             hi = min(lo + chunk, self.num_local)
             self.weight[lo:hi] = init_rows(np.arange(lo, hi) + self.class_start, self.dim, seed)
         self.momentum = np.zeros_like(self.weight)
+        self._workspace = cpu_kernels.Workspace()   # pulled rows are valid until the next pull
 
-    def gather(self, index):
-        """The rows ``index`` (a copy), or the whole shard itself when ``index`` is None."""
-        return self.weight if index is None else np.take(self.weight, index, axis=0)
+    def pull(self, index):
+        """(unit rows, 1/norms) of rows ``index`` (every row when None), float32, valid until the next pull."""
+        return cpu_kernels.gather_normalize(self.weight, index, self._workspace)
 
-    def sgd_update(self, index, rows, grad, lr, momentum, wd):
-        """Apply the SGD-momentum step to rows ``index`` whose current weights are ``rows``."""
-        if index is None:
-            sgd_momentum_numpy(self.weight, grad, self.momentum, lr, momentum, wd)
-            return
-        mom = np.take(self.momentum, index, axis=0)
-        sgd_momentum_numpy(rows, grad, mom, lr, momentum, wd)
-        self.weight[index] = rows
-        self.momentum[index] = mom
+    def apply_grad(self, index, grad_unit, inv_norm, lr, momentum, wd, offset=0):
+        """SGD-momentum step on rows ``index`` given d(loss)/d(unit rows) and the pull's 1/norms.
+
+        With ``index`` None the rows are ``offset ...``: the caller may update a pulled block in pieces.
+        """
+        cpu_kernels.fused_sgd(self.weight, self.momentum, index, grad_unit, inv_norm, lr, momentum, wd, offset)
 
     def read(self, lo, hi):
         """Copies of weight and momentum rows [lo, hi) (local ids), for checkpoints."""
@@ -127,19 +121,26 @@ class DeviceBank:
     def _index(self, index):
         return mx.nd.array(index, ctx=self.ctx, dtype="int64")
 
-    def gather(self, index):
-        return self._w if index is None else mx.nd.take(self._w, self._index(index))
+    def _rows(self, index):
+        return (self._w, self._m) if index is None else (mx.nd.take(self._w, index), mx.nd.take(self._m, index))
 
-    def sgd_update(self, index, rows, grad, lr, momentum, wd):
-        kw = dict(lr=float(lr), momentum=float(momentum), wd=float(wd))
-        if index is None:
-            mx.nd.sgd_mom_update(self._w, grad, self._m, out=self._w, **kw)
-            return
-        idx = self._index(index)
-        mom = mx.nd.take(self._m, idx)
-        mx.nd.sgd_mom_update(rows, grad, mom, out=rows, **kw)
-        self._w[idx] = rows
-        self._m[idx] = mom
+    def pull(self, index):
+        idx = None if index is None else self._index(index)
+        rows = self._w if idx is None else mx.nd.take(self._w, idx)
+        norm = mx.nd.sqrt(mx.nd.sum(rows * rows, axis=1))
+        inv_norm = 1.0 / mx.nd.maximum(norm, NORM_EPS)
+        return mx.nd.broadcast_mul(rows, inv_norm.expand_dims(1)), inv_norm
+
+    def apply_grad(self, index, grad_unit, inv_norm, lr, momentum, wd):
+        idx = None if index is None else self._index(index)
+        rows, mom = self._rows(idx)
+        unit = mx.nd.broadcast_mul(rows, inv_norm.expand_dims(1))
+        dot = mx.nd.sum(unit * grad_unit, axis=1, keepdims=True)
+        grad = mx.nd.broadcast_mul(grad_unit - mx.nd.broadcast_mul(unit, dot), inv_norm.expand_dims(1))
+        mx.nd.sgd_mom_update(rows, grad, mom, out=rows, lr=float(lr), momentum=float(momentum), wd=float(wd))
+        if idx is not None:
+            self._w[idx] = rows
+            self._m[idx] = mom
 
     def read(self, lo, hi):
         return self._w[lo:hi].asnumpy(), self._m[lo:hi].asnumpy()

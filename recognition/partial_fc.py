@@ -3,35 +3,40 @@
 Rank r owns the contiguous class slice [class_start, class_start + num_local) of the centre matrix W (sizes
 differ by at most one: no padded phantom classes). One training step, ``forward_backward``:
 
-1. every rank's (batch size, embedding size, finiteness, label range) is gathered and checked, so bad input
-   raises the same error on every rank before any rank waits in a collective;
-2. embeddings and integer labels of the global batch are gathered (``hvd.allgather``);
-3. each rank samples its positive centres plus uniform negatives (``sampler.PPRNSampler``) and pulls those rows
+1. embeddings and integer labels of the global batch are gathered (one ``hvd.allgather``, labels bit-exact)
+   together with each rank's shapes and finiteness, and checked on every rank, so bad input raises the same
+   error on every rank and no rank is left waiting in a later collective;
+2. each rank samples its positive centres plus uniform negatives (``sampler.PPRNSampler``) and pulls those rows
    from its memory bank;
-4. cosine logits = normalised embeddings x normalised sampled centres; the combined margin goes on each target
+3. cosine logits = normalised embeddings x normalised sampled centres; the combined margin goes on each target
    logit (``margin.CombinedMargin``); optional inter-class filtering drops negatives whose cosine exceeds a
    threshold (Partial FC v2);
-5. softmax cross-entropy over the union of all ranks' samples: allreduce of the row max and of the row sum of
-   exponentials (with each row's target term, which exactly one rank holds); the loss, the mean over the global
-   batch, is identical on every rank;
-6. backward: the embedding gradient is summed over ranks and scattered back (``hvd.reducescatter``), each rank
+4. softmax cross-entropy over the union of all ranks' samples: each rank's row max, row sum of exponentials
+   and target term (exactly one rank holds a row's target) are combined exactly in one collective (see
+   ``_softmax_stats``); the loss, the mean over the global batch, is identical on every rank;
+5. backward: the embedding gradient is summed over ranks and scattered back (``hvd.reducescatter``), each rank
    receiving its own rows; the sampled centres' gradient is kept for ``update(lr)``, which applies SGD with
    momentum and weight decay to exactly those rows in the bank.
 
-Two interchangeable kernel sets do steps 3-6: NumPy (host arrays, oneDNN ``FullyConnected`` for the logits;
+Two interchangeable kernel sets do steps 2-5: NumPy (host arrays, oneDNN ``FullyConnected`` for the logits;
 the fastest on a CPU) and NDArray (everything on ``ctx``: what a GPU uses). ``kernels='auto'`` picks NumPy on a
 CPU context and NDArray otherwise.
 """
+import time
+from collections import defaultdict
+
 import numpy as np
 import mxnet as mx
 
 from recognition import dist
+from recognition.cpu_kernels import NORM_EPS, Workspace
 from recognition.margin import CombinedMargin
 from recognition.memory_bank import make_bank
 from recognition.sampler import PPRNSampler
 
-NORM_EPS = 1e-12
 _NEG_INF = np.float32(-np.inf)
+META_FIELDS = 5      # int64 header fields of each rank's input segment (see _gather_inputs)
+UPDATE_BLOCK = 512   # rows per block of the CPU centre-gradient + update pass (512 x 512 floats: 1 MB, in L2)
 
 
 def l2_normalize_rows(a):
@@ -49,6 +54,18 @@ def normalization_backward(unit, inv_norm, grad_unit):
     out = grad_unit - unit * dot[:, None]
     out *= inv_norm[:, None]
     return out
+
+
+class _Clock:
+    """Adds the time since the last tick to ``timings[phase]``."""
+
+    def __init__(self, timings):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def tick(self, phase):
+        now = time.perf_counter()
+        self.timings[phase] += now - self.last
+        self.last = now
 
 
 class PartialFC:
@@ -87,6 +104,8 @@ class PartialFC:
         self.step = 0            # forward_backward calls so far: keys the sampler's random stream
         self._index = None       # local rows sampled in the last step (None: all rows)
         self._pending = None     # what update() needs from the last forward_backward
+        self._workspace = Workspace()
+        self.timings = defaultdict(float)   # seconds per phase, accumulated (benchmarks and logs read it)
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -112,55 +131,92 @@ class PartialFC:
 
     def forward_backward(self, local_embeddings, local_labels):
         """Loss (Python float, mean over the global batch) and d(loss)/d(local_embeddings) (NDArray on ctx)."""
-        x_local, y_local = self._checked_inputs(local_embeddings, local_labels)
-        x = dist.allgather(x_local, name="pfc.embeddings")
-        y = dist.allgather(y_local, name="pfc.labels")
+        clock = _Clock(self.timings)
+        x_local, x, y = self._gather_inputs(local_embeddings, local_labels)
         xn, x_inv = l2_normalize_rows(x)
+        clock.tick("gather")
         index, target_col = self.sampler.sample(y, self.step)
         self._index = index
-        rows = self.bank.gather(index)
+        clock.tick("sample")
+        unit, inv_norm = self.bank.pull(index)
+        clock.tick("bank_pull")
         head = self._head_numpy if self.kernels == "numpy" else self._head_ndarray
-        loss, grad_xn = head(xn, rows, target_col)
+        loss, grad_xn = head(xn, unit, inv_norm, target_col, clock)
         b = x_local.shape[0]
         own = slice(self.rank * b, (self.rank + 1) * b)
         grad_xn_local = dist.reducescatter_sum(grad_xn, name="pfc.embedding_grad")
         grad_x = normalization_backward(xn[own], x_inv[own], grad_xn_local)
         self.step += 1
+        clock.tick("gather")
         return loss, mx.nd.array(grad_x, ctx=self._output_ctx(local_embeddings), dtype="float32")
 
     def update(self, lr):
         """SGD-momentum step (learning rate ``lr``) on the centres sampled in the last forward_backward."""
         if self._pending is None:
             raise RuntimeError("PartialFC.update() needs a forward_backward() first (and only one update per step)")
-        index, rows = self._pending["index"], self._pending["rows"]
-        grad = self._centre_grad()
-        self._pending = None
-        self.bank.sgd_update(index, rows, grad, lr, self.momentum, self.weight_decay)
+        clock = _Clock(self.timings)
+        pending, self._pending = self._pending, None
+        if self.kernels == "numpy":
+            self._update_blocked(pending, lr, clock)
+            return
+        grad_unit = self._unit_grad(pending)
+        clock.tick("backward_gemm")
+        self.bank.apply_grad(pending["index"], grad_unit, pending["inv_norm"], lr, self.momentum, self.weight_decay)
+        clock.tick("bank_push")
+
+    def _update_blocked(self, p, lr, clock):
+        """Centre gradient and bank update a block of rows at a time, so a block's gradient stays in cache
+        between its product and its update instead of a (num_sample, D) array going through memory twice."""
+        grad_cos, xn, index, inv_norm = p["grad_cos"], p["xn"], p["index"], p["inv_norm"]
+        k = grad_cos.shape[1]
+        for lo in range(0, k, UPDATE_BLOCK):
+            hi = min(lo + UPDATE_BLOCK, k)
+            grad_unit = np.matmul(grad_cos[:, lo:hi].T, xn, out=self._workspace.get("grad_block", (hi - lo, xn.shape[1])))
+            clock.tick("backward_gemm")
+            self.bank.apply_grad(None if index is None else index[lo:hi], grad_unit, inv_norm[lo:hi], lr,
+                                 self.momentum, self.weight_decay, offset=lo)
+            clock.tick("bank_push")
 
     def sampled_weight_grad(self):
         """d(loss)/d(W[sampled_index]) of the last step, (num_sample, D) NumPy (for tests and inspection)."""
         if self._pending is None:
             raise RuntimeError("no pending step: call forward_backward() first")
-        grad = self._centre_grad()
-        return grad.asnumpy() if isinstance(grad, mx.nd.NDArray) else grad.copy()
+        p = self._pending
+        grad_unit, unit, inv_norm = self._unit_grad(p), p["unit"], p["inv_norm"]
+        if isinstance(grad_unit, mx.nd.NDArray):
+            grad_unit, unit, inv_norm = grad_unit.asnumpy(), unit.asnumpy(), inv_norm.asnumpy()
+        return normalization_backward(np.asarray(unit), np.asarray(inv_norm), grad_unit)
 
     # ------------------------------------------------------------------------------------------ checks
-    def _checked_inputs(self, embeddings, labels):
-        """Local inputs as (float32 (B, D), int64 (B,)) NumPy arrays, after an all-rank sanity check."""
+    def _gather_inputs(self, embeddings, labels):
+        """Gather every rank's embeddings and labels with ONE allgather, then check them on every rank.
+
+        Each rank sends a self-describing flat float32 segment: a header of META_FIELDS int64 values (batch
+        size, embedding size, label count, labels-are-integers, non-finite count), then its int64 labels and its
+        embeddings, all bit-cast (the collective copies bytes; no arithmetic touches them). Segments may differ
+        in length, so shape mismatches still arrive, and every rank reads the same problems and raises the same
+        error: no rank is left waiting in a later collective. Returns (x_local, x_global, y_global).
+        """
         x = embeddings.asnumpy() if isinstance(embeddings, mx.nd.NDArray) else np.asarray(embeddings)
         y = labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else np.asarray(labels)
         label_is_int = np.issubdtype(y.dtype, np.integer)
-        y = y.reshape(-1)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        finite = np.isfinite(x)
-        meta = np.array([[x.shape[0], x.shape[1] if x.ndim == 2 else -1, y.shape[0], int(label_is_int),
-                          int(x.size - np.count_nonzero(finite)),
-                          int(y.min()) if y.size and label_is_int else 0,
-                          int(y.max()) if y.size and label_is_int else 0]], dtype=np.int64)
-        every = dist.allgather(meta, name="pfc.meta")
-        problems = []
-        batch = int(every[0, 0])
-        for r, (b, d, nl, is_int, nonfinite, lo, hi) in enumerate(every.tolist()):
+        y = y.reshape(-1).astype(np.int64) if label_is_int else np.zeros(y.size, np.int64)
+        header = np.array([x.shape[0] if x.ndim else 0, x.shape[1] if x.ndim == 2 else -1, y.size,
+                           int(label_is_int), x.size - np.count_nonzero(np.isfinite(x))], dtype=np.int64)
+        segment = np.concatenate([header.view(np.float32), y.view(np.float32), x.reshape(-1)])
+        every = dist.allgather(segment, name="pfc.inputs")
+        xs, ys, problems, offset = [], [], [], 0
+        for r in range(self.world_size):
+            b, d, nl, is_int, nonfinite = every[offset:offset + 2 * META_FIELDS].view(np.int64).tolist()
+            offset += 2 * META_FIELDS
+            ys.append(every[offset:offset + 2 * nl].view(np.int64))
+            offset += 2 * nl
+            n = b * d if d >= 0 else b
+            xs.append(every[offset:offset + n])
+            offset += n
+            if r == 0:
+                batch = b
             if b != batch:
                 problems.append("rank %d has batch size %d but rank 0 has %d" % (r, b, batch))
             if d != self.embedding_size:
@@ -172,12 +228,15 @@ class PartialFC:
                                 "class ids above 2^24 exactly)" % r)
             if nonfinite:
                 problems.append("rank %d has %d non-finite embedding values (NaN/inf)" % (r, nonfinite))
-            if is_int and (lo < 0 or hi >= self.num_classes):
-                bad = lo if lo < 0 else hi
-                problems.append("rank %d has label %d outside [0, %d)" % (r, bad, self.num_classes))
+            if is_int and nl:
+                lo, hi = int(ys[-1].min()), int(ys[-1].max())
+                if lo < 0 or hi >= self.num_classes:
+                    problems.append("rank %d has label %d outside [0, %d)"
+                                    % (r, lo if lo < 0 else hi, self.num_classes))
         if problems:
             raise ValueError("PartialFC: bad input at step %d: %s" % (self.step, "; ".join(problems)))
-        return x, y.astype(np.int64)
+        x_global = np.concatenate(xs).reshape(-1, self.embedding_size)
+        return x, x_global, np.concatenate(ys)
 
     def _output_ctx(self, embeddings):
         return embeddings.context if isinstance(embeddings, mx.nd.NDArray) else self.ctx
@@ -187,31 +246,38 @@ class PartialFC:
         """psi(cos) and d psi / d cos of the target entries held by this rank (float64)."""
         return self.margin(cos_t)
 
-    def _softmax_stats(self, row_max_local, target_logit, has_target):
-        """Global row max; then a closure that turns local row sums into (global sums, loss)."""
-        row_max = dist.allreduce(row_max_local, name="pfc.row_max", op="max")
+    def _softmax_stats(self, row_max_local, row_sum_local, target_logit, has_target):
+        """Combine the ranks' partial softmax statistics with one allgather; return (row factor, loss).
 
-        def finish(row_sum_local):
-            # one allreduce carries the row sums and the target terms (only the owning rank's is non-zero)
-            target_term = np.where(has_target, target_logit - row_max.astype(np.float64), 0.0)
-            packed = np.stack([row_sum_local.astype(np.float64), target_term])
-            packed = dist.allreduce(packed, name="pfc.row_sum")
-            row_sum, target_shifted = packed[0], packed[1]
-            loss = float(np.mean(np.log(row_sum) - target_shifted))
-            return row_sum, loss
+        Rank r exponentiated its logits z with its own row max m_r: S_r = sum_j exp(z_j - m_r). With
+        M = max_r m_r, the global sum is T = sum_r S_r exp(m_r - M), the loss of a row M + log T - z_target
+        (the target logit sits on exactly one rank), and p_j = exp(z_j - m_r) * exp(m_r - M) / T: this rank's
+        factor. (The same as allreducing the max, then the sums, with one synchronisation instead of two.)
+        """
+        local = np.stack([row_max_local, row_sum_local, np.where(has_target, target_logit, 0.0)]).astype(np.float64)
+        every = dist.allgather(local[None], name="pfc.softmax_stats")       # (world, 3, batch)
+        maxima, sums, targets = every[:, 0], every[:, 1], every[:, 2]
+        global_max = maxima.max(axis=0)
+        total = np.sum(sums * np.exp(maxima - global_max), axis=0)
+        loss = float(np.mean(global_max + np.log(total) - targets.sum(axis=0)))
+        return np.exp(row_max_local - global_max) / total, loss
 
-        return row_max, finish
+    @staticmethod
+    def _finite_max(row_max):
+        """Row maxima usable as exp shifts (float32, the precision the shift is applied in): a row whose every
+        local logit was filtered out (-inf) gets 0."""
+        return np.where(np.isfinite(row_max), row_max, 0.0).astype(np.float32)
 
     # ------------------------------------------------------------------------------------ NumPy kernels
-    def _head_numpy(self, xn, rows, target_col):
-        wn, w_inv = l2_normalize_rows(rows)
+    def _head_numpy(self, xn, wn, w_inv, target_col, clock):
         batch, k = xn.shape[0], wn.shape[0]
-        logits = np.empty((batch, k), dtype=np.float32)
+        logits = self._workspace.get("logits", (batch, k))
         out_nd = mx.nd.from_numpy(logits.view(), zero_copy=True)
         mx.nd.FullyConnected(mx.nd.array(xn), mx.nd.from_numpy(wn.view(), zero_copy=True),
                              no_bias=True, num_hidden=k, out=out_nd)
         out_nd.wait_to_read()
         del out_nd  # logits is ours again: the products below are in NumPy
+        clock.tick("logits_gemm")
 
         r = np.flatnonzero(target_col >= 0)
         c = target_col[r]
@@ -222,33 +288,32 @@ class PartialFC:
         logits[r, c] = psi
         if self.interclass_filter > 0:
             logits[dirty] = _NEG_INF
-        row_max_local = logits.max(axis=1) * np.float32(self.scale)
+        row_max = self._finite_max(logits.max(axis=1).astype(np.float64) * self.scale)
+        # exp(s*cos - local max) in place: logits becomes this rank's unnormalised probabilities
+        logits *= np.float32(self.scale)
+        logits -= row_max[:, None]
+        np.exp(logits, out=logits)
+        clock.tick("softmax")
         has_target = target_col >= 0
         target_logit = np.zeros(batch)
         target_logit[r] = self.scale * psi
-        row_max, finish = self._softmax_stats(row_max_local, target_logit, has_target)
-        # exp(s*cos - max) in place: logits becomes the unnormalised probabilities
-        logits *= np.float32(self.scale)
-        logits -= row_max[:, None].astype(np.float32)
-        np.exp(logits, out=logits)
-        row_sum, loss = finish(logits.sum(axis=1, dtype=np.float64))
+        factor, loss = self._softmax_stats(row_max, logits.sum(axis=1, dtype=np.float64), target_logit, has_target)
+        clock.tick("softmax_sync")
         # d loss / d cos = s/B * (p - onehot), times psi' on the target entries
-        logits *= (self.scale / batch / row_sum).astype(np.float32)[:, None]
+        logits *= (factor * (self.scale / batch)).astype(np.float32)[:, None]
         logits[r, c] -= np.float32(self.scale / batch)
         logits[r, c] *= dpsi.astype(np.float32)
         grad_cos = logits
+        clock.tick("softmax")
         grad_xn = grad_cos @ wn
-        self._pending = {"index": self._index, "rows": rows, "unit": wn, "inv_norm": w_inv,
-                         "grad_cos": grad_cos, "xn": xn}
+        clock.tick("backward_gemm")
+        self._pending = {"index": self._index, "unit": wn, "inv_norm": w_inv, "grad_cos": grad_cos, "xn": xn}
         return loss, grad_xn
 
     # ---------------------------------------------------------------------------------- NDArray kernels
-    def _head_ndarray(self, xn, rows, target_col):
+    def _head_ndarray(self, xn, unit, inv_norm, target_col, clock):
         ctx = self.ctx
-        rows_nd = rows if isinstance(rows, mx.nd.NDArray) else mx.nd.array(rows, ctx=ctx)  # host bank: copy in
-        norm = mx.nd.sqrt(mx.nd.sum(rows_nd * rows_nd, axis=1))
-        w_inv = 1.0 / mx.nd.maximum(norm, NORM_EPS)
-        wn = mx.nd.broadcast_mul(rows_nd, w_inv.expand_dims(1))
+        wn = unit if isinstance(unit, mx.nd.NDArray) else mx.nd.array(unit, ctx=ctx)  # host bank: copy in
         xn_nd = mx.nd.array(xn, ctx=ctx)
         batch, k = xn.shape[0], wn.shape[0]
         cos = mx.nd.FullyConnected(xn_nd, wn, no_bias=True, num_hidden=k)
@@ -266,28 +331,23 @@ class PartialFC:
             z = mx.nd.where(dirty, mx.nd.full(z.shape, -np.inf, ctx=ctx), z)
         z = z * self.scale
         target_logit = self.scale * psi
-        row_max, finish = self._softmax_stats(mx.nd.max(z, axis=1).asnumpy(), target_logit, has_target)
+        row_max = self._finite_max(mx.nd.max(z, axis=1).asnumpy().astype(np.float64))
         e = mx.nd.exp(mx.nd.broadcast_sub(z, mx.nd.array(row_max, ctx=ctx).expand_dims(1)))
-        row_sum, loss = finish(mx.nd.sum(e, axis=1).asnumpy().astype(np.float64))
-        p = mx.nd.broadcast_mul(e, mx.nd.array((self.scale / batch / row_sum).astype(np.float32),
+        factor, loss = self._softmax_stats(row_max, mx.nd.sum(e, axis=1).asnumpy(), target_logit, has_target)
+        p = mx.nd.broadcast_mul(e, mx.nd.array((factor * (self.scale / batch)).astype(np.float32),
                                                ctx=ctx).expand_dims(1))
         grad_cos = p - onehot * (self.scale / batch)
         chain = mx.nd.array(dpsi.astype(np.float32) - 1.0, ctx=ctx).expand_dims(1)
         grad_cos = grad_cos * (1 + mx.nd.broadcast_mul(onehot, chain))
         grad_xn = mx.nd.dot(grad_cos, wn).asnumpy()
-        self._pending = {"index": self._index, "rows": rows, "unit": wn, "inv_norm": w_inv,
-                         "grad_cos": grad_cos, "xn": xn_nd}
+        clock.tick("head")
+        self._pending = {"index": self._index, "unit": unit, "inv_norm": inv_norm, "grad_cos": grad_cos,
+                         "xn": xn_nd}
         return loss, grad_xn
 
-    def _centre_grad(self):
-        """d(loss)/d(sampled rows) from the pending step, in the bank's native array kind."""
-        p = self._pending
+    def _unit_grad(self, p):
+        """d(loss)/d(normalised sampled rows) = grad_cos^T . xn, in the bank's native array kind."""
         if self.kernels == "numpy":
-            grad_unit = p["grad_cos"].T @ p["xn"]
-            return normalization_backward(p["unit"], p["inv_norm"], grad_unit)
+            return p["grad_cos"].T @ p["xn"]
         grad_unit = mx.nd.dot(p["grad_cos"], p["xn"], transpose_a=True)
-        dot = mx.nd.sum(p["unit"] * grad_unit, axis=1, keepdims=True)
-        grad = mx.nd.broadcast_mul(grad_unit - mx.nd.broadcast_mul(p["unit"], dot), p["inv_norm"].expand_dims(1))
-        if self.bank.native == "numpy":
-            return grad.asnumpy()
-        return grad
+        return grad_unit.asnumpy() if self.bank.native == "numpy" else grad_unit

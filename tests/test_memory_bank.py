@@ -29,37 +29,42 @@ def test_init_rows_is_a_function_of_seed_and_class_id():
     np.testing.assert_array_equal(shard.weight, a[60:100])
 
 
-def _hand_sgd(w, v, g, lr, mom, wd):
+def _hand_step(w, v, grad_unit, lr, mom, wd):
+    """Float64 reference: normalisation backward, then MXNet's sgd_mom_update rule."""
+    norm = np.linalg.norm(w, axis=1, keepdims=True)
+    unit = w / norm
+    g = (grad_unit - unit * np.sum(unit * grad_unit, axis=1, keepdims=True)) / norm
     v_new = mom * v - lr * (g + wd * w)
     return w + v_new, v_new
 
 
 @pytest.mark.parametrize("bank_kind", ["host", "device_ndarray"])
 @pytest.mark.parametrize("full", [False, True])
-def test_sgd_step_touches_only_the_sampled_rows(bank_kind, full):
+def test_pull_normalises_and_update_touches_only_the_sampled_rows(bank_kind, full):
     num_local, dim = 30, 8
     if bank_kind == "host":
         bank = HostBank(num_local, dim, class_start=100, seed=1)
-        to_native = lambda a: a
+        to_native, to_numpy = (lambda a: a), (lambda a: a)
     else:
         bank = DeviceBank(num_local, dim, class_start=100, seed=1, ctx=mx.cpu())
-        to_native = lambda a: mx.nd.array(a)
+        to_native, to_numpy = mx.nd.array, (lambda a: a.asnumpy())
     index = None if full else np.array([2, 3, 17, 29], dtype=np.int64)
     rows_idx = np.arange(num_local) if full else index
     rng = np.random.default_rng(0)
     w0, v0 = bank.weight.copy(), bank.momentum.copy()
-    expected_w, expected_v = w0.copy(), v0.copy()
-    for step, lr in enumerate((0.1, 0.05)):
-        grad = rng.standard_normal((rows_idx.size, dim)).astype(np.float32)
-        rows = bank.gather(index)
-        got_rows = rows.asnumpy() if isinstance(rows, mx.nd.NDArray) else rows
-        np.testing.assert_allclose(got_rows, expected_w[rows_idx], rtol=1e-6, atol=1e-8)
-        bank.sgd_update(index, rows, to_native(grad.copy()), lr, 0.9, 5e-4)
-        w_new, v_new = _hand_sgd(expected_w[rows_idx].astype(np.float64), expected_v[rows_idx].astype(np.float64),
-                                 grad.astype(np.float64), lr, 0.9, 5e-4)
+    expected_w, expected_v = w0.astype(np.float64), v0.astype(np.float64)
+    for lr in (0.1, 0.05):   # two steps: the second one starts from a non-zero momentum
+        unit, inv_norm = bank.pull(index)
+        rows = expected_w[rows_idx]
+        norms = np.linalg.norm(rows, axis=1)
+        np.testing.assert_allclose(to_numpy(unit), rows / norms[:, None], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(to_numpy(inv_norm), 1 / norms, rtol=1e-5)
+        grad_unit = rng.standard_normal((rows_idx.size, dim)).astype(np.float32)
+        bank.apply_grad(index, to_native(grad_unit), inv_norm, lr, 0.9, 5e-4)
+        w_new, v_new = _hand_step(rows, expected_v[rows_idx], grad_unit.astype(np.float64), lr, 0.9, 5e-4)
         expected_w[rows_idx], expected_v[rows_idx] = w_new, v_new
-        np.testing.assert_allclose(bank.weight, expected_w, rtol=1e-6, atol=1e-8)
-        np.testing.assert_allclose(bank.momentum, expected_v, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(bank.weight, expected_w, rtol=1e-5, atol=1e-5 * np.abs(v_new).max())
+        np.testing.assert_allclose(bank.momentum, expected_v, rtol=1e-5, atol=1e-5 * np.abs(v_new).max())
     untouched = np.setdiff1d(np.arange(num_local), rows_idx)
     np.testing.assert_array_equal(bank.weight[untouched], w0[untouched])
     np.testing.assert_array_equal(bank.momentum[untouched], v0[untouched])

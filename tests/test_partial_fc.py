@@ -151,6 +151,26 @@ def test_interclass_filter_removes_exactly_the_negatives_above_the_threshold():
     assert not np.allclose(dw[[0, 4, 5]], unfiltered_dw[[0, 4, 5]])
 
 
+def all_filtered_body():
+    import mxnet as mx
+    import horovod.mxnet as hvd
+    from recognition.partial_fc import PartialFC
+    pfc = PartialFC(4, 2, margins=COS, interclass_filter=0.05, seed=0)   # rank 0: classes 0-1, rank 1: 2-3
+    pfc.bank.weight[:] = np.array([[1, 0.2], [1, 0.4]] if hvd.rank() == 0 else [[1, 0.6], [1, 0.8]], np.float32)
+    x = np.array([[1, 0.1]], np.float32)
+    loss, grad = pfc.forward_backward(mx.nd.array(x), mx.nd.array([0], dtype="int64"))
+    return loss, grad.asnumpy(), pfc.sampled_weight_grad()
+
+
+def test_a_rank_whose_logits_are_all_filtered_contributes_nothing():
+    # every negative has cos > 0.05 with the sample: only the target (class 0) stays in the softmax
+    results = run_ranks(all_filtered_body, np=1 + 1, timeout=120)
+    for loss, grad, dw in results:
+        assert loss == pytest.approx(0.0, abs=1e-5)   # float32 rounding of s * psi only
+        assert np.all(np.isfinite(grad)) and np.abs(grad).max() < 1e-6
+        assert np.all(np.isfinite(dw)) and np.abs(dw).max() < 1e-6
+
+
 def convergence_body(steps):
     import mxnet as mx
     import horovod.mxnet as hvd

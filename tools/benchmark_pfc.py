@@ -1,0 +1,131 @@
+"""Times the Partial FC head alone against its GEMM floor, measured in the same run.
+
+    horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_pfc.py --num-classes 1000000 \\
+        --sample-ratio 0.1 --batch-size 64 --embedding-size 512 --steps 20
+
+One step = gather -> sample -> bank pull -> logits -> margin softmax -> backward -> memory-bank update, on random
+embeddings with uniformly random labels. The floor is the head's three matrix products alone on the same
+shapes (logits, embedding gradient, centre gradient) through MXNet's oneDNN ``FullyConnected`` with operands
+already laid out as it wants them. Both are medians over the timed steps. The last line printed (rank 0) is
+one JSON object: ms_per_step, gemm_ms_per_step, ratio, sample_ms, bank_ms, peak_rss_mb, ...
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import mxnet as mx  # noqa: E402
+import horovod.mxnet as hvd  # noqa: E402
+
+from recognition.partial_fc import PartialFC  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-classes", type=int, default=1_000_000)
+    p.add_argument("--sample-ratio", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=64, help="per rank")
+    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--bank-location", choices=("device", "host", "disk"), default="device")
+    p.add_argument("--disk-dir", default=None, help="folder for --bank-location disk (default: a temp folder)")
+    p.add_argument("--kernels", choices=("auto", "numpy", "ndarray"), default="auto")
+    p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor (e.g. for out-of-core runs)")
+    return p.parse_args(argv)
+
+
+def anon_rss_mb():
+    """Current anonymous resident memory of this process (file-backed pages excluded)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+class GemmFloor:
+    """The head's three matrix products of one step via FullyConnected, operands pre-transposed."""
+
+    def __init__(self, batch_global, num_sample, dim):
+        rng = np.random.default_rng(0)
+        self.dim, self.num_sample = dim, num_sample
+        self.xn = mx.nd.array(rng.standard_normal((batch_global, dim), dtype=np.float32))
+        self.wn = mx.nd.array(rng.standard_normal((num_sample, dim), dtype=np.float32))
+        self.grad = mx.nd.array(rng.standard_normal((batch_global, num_sample), dtype=np.float32))
+        self.wn_t, self.grad_t, self.xn_t = self.wn.T.copy(), self.grad.T.copy(), self.xn.T.copy()
+        mx.nd.waitall()
+
+    def time_ms(self):
+        start = time.perf_counter()
+        mx.nd.FullyConnected(self.xn, self.wn, no_bias=True, num_hidden=self.num_sample).wait_to_read()  # logits
+        mx.nd.FullyConnected(self.grad, self.wn_t, no_bias=True, num_hidden=self.dim).wait_to_read()    # emb grad
+        mx.nd.FullyConnected(self.grad_t, self.xn_t, no_bias=True, num_hidden=self.dim).wait_to_read()  # centre grad
+        return 1000.0 * (time.perf_counter() - start)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    t0 = time.perf_counter()
+    pfc = PartialFC(args.num_classes, args.embedding_size, sample_ratio=args.sample_ratio,
+                    bank_location=args.bank_location, kernels=args.kernels, disk_dir=args.disk_dir, seed=0)
+    init_s = time.perf_counter() - t0
+    rng = np.random.default_rng([1, rank])
+    floor = None if args.no_floor else GemmFloor(size * args.batch_size, pfc.num_sample, args.embedding_size)
+    step_ms, floor_ms, peak_anon = [], [], anon_rss_mb()
+    phase_totals = None
+    for step in range(args.warmup + args.steps):
+        x = mx.nd.array(rng.standard_normal((args.batch_size, args.embedding_size), dtype=np.float32))
+        y = mx.nd.array(rng.integers(0, args.num_classes, args.batch_size), dtype="int64")
+        if step == args.warmup:
+            phase_totals = dict(pfc.timings)
+        start = time.perf_counter()
+        loss, grad = pfc.forward_backward(x, y)
+        pfc.update(0.1)
+        grad.wait_to_read()
+        elapsed = 1000.0 * (time.perf_counter() - start)
+        # the floor is timed between steps, so both see the same machine load
+        gemm = floor.time_ms() if floor is not None else float("nan")
+        if step >= args.warmup:
+            step_ms.append(elapsed)
+            floor_ms.append(gemm)
+        peak_anon = max(peak_anon, anon_rss_mb())
+        if rank == 0:
+            print("step %3d  %8.1f ms  (GEMM floor %6.1f ms)  loss %.4f" % (step, elapsed, gemm, loss), flush=True)
+    phases = {k: 1000.0 * (v - phase_totals.get(k, 0.0)) / args.steps for k, v in pfc.timings.items()}
+    ms = float(np.median(step_ms))
+    floor = None if floor is None else float(np.median(floor_ms))
+    result = {
+        "num_classes": args.num_classes, "sample_ratio": args.sample_ratio, "world_size": size,
+        "batch_size": args.batch_size, "embedding_size": args.embedding_size, "num_sample": pfc.num_sample,
+        "bank_location": args.bank_location, "kernels": pfc.kernels,
+        "ms_per_step": round(ms, 2),
+        "gemm_ms_per_step": None if floor is None else round(floor, 2),
+        "ratio": None if floor is None else round(ms / floor, 3),
+        "sample_ms": round(phases.get("sample", 0.0), 2),
+        "bank_ms": round(phases.get("bank_pull", 0.0) + phases.get("bank_push", 0.0), 2),
+        "phase_ms": {k: round(v, 2) for k, v in sorted(phases.items())},
+        "init_s": round(init_s, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        "peak_anon_mb": round(peak_anon, 1),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
+    gathered = hvd.allgather(mx.nd.array([[result["peak_anon_mb"], result["peak_rss_mb"]]]), name="bench.mem")
+    result["peak_anon_mb_per_rank"] = [round(float(v), 1) for v in gathered.asnumpy()[:, 0]]
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
