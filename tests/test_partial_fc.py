@@ -7,14 +7,16 @@ from tests.pfc_reference import dense_reference
 
 NUM_CLASSES, DIM, LOCAL_BATCH = 1000, 32, 8     # 1000 is not divisible by 3: shards 334/333/333
 ARC, COS = (1.0, 0.5, 0.0), (1.0, 0.0, 0.4)
-CASES = [  # (sample_ratio, margins, interclass_filter, kernels)
-    (1.0, ARC, 0.0, "numpy"),
-    (1.0, COS, 0.0, "numpy"),
-    (0.1, ARC, 0.0, "numpy"),
-    (0.1, COS, 0.0, "numpy"),
-    (0.1, ARC, 0.2, "numpy"),
-    (1.0, ARC, 0.0, "ndarray"),
-    (0.1, COS, 0.2, "ndarray"),
+CASES = [  # (sample_ratio, margins, interclass_filter, kernels, bank_location)
+    (1.0, ARC, 0.0, "numpy", "device"),
+    (1.0, COS, 0.0, "numpy", "device"),
+    (0.1, ARC, 0.0, "numpy", "device"),
+    (0.1, COS, 0.0, "numpy", "host"),
+    (0.1, ARC, 0.2, "numpy", "device"),
+    (0.1, ARC, 0.0, "numpy", "disk"),
+    (1.0, ARC, 0.0, "ndarray", "device"),
+    (0.1, COS, 0.2, "ndarray", "device"),
+    (0.1, ARC, 0.0, "ndarray", "host"),
 ]
 
 
@@ -34,9 +36,9 @@ def exactness_body(cases):
     x, y = global_batch(size)
     own = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     out = []
-    for ratio, margins, filt, kernels in cases:
+    for ratio, margins, filt, kernels, bank in cases:
         pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=ratio, margins=margins, interclass_filter=filt,
-                        kernels=kernels, seed=0)
+                        kernels=kernels, bank_location=bank, seed=0)
         w0, m0 = pfc.weight.copy(), pfc.weight_mom.copy()
         loss, grad = pfc.forward_backward(mx.nd.array(x[own]), mx.nd.array(y[own], dtype="int64"))
         index = np.asarray(pfc.sampled_index).copy()
@@ -55,7 +57,7 @@ def test_matches_dense_reference(world_size):
     w_full = init_rows(np.arange(NUM_CLASSES), DIM, seed=0)
     shard_sizes = [results[r][0]["num_local"] for r in range(world_size)]
     assert sum(shard_sizes) == NUM_CLASSES and max(shard_sizes) - min(shard_sizes) <= 1
-    for k, (ratio, margins, filt, kernels) in enumerate(CASES):
+    for k, (ratio, margins, filt, kernels, bank) in enumerate(CASES):
         per_rank = [results[r][k] for r in range(world_size)]
         classes = np.concatenate([p["class_start"] + p["index"] for p in per_rank])
         assert np.all(np.diff(classes) > 0)
