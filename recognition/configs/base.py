@@ -1,0 +1,55 @@
+"""Every configuration key with its default. A preset overrides what differs; command-line flags override both
+(``recognition.config.get_config`` / ``config_from_args``). A preset may only set keys defined here."""
+from easydict import EasyDict as edict
+
+config = edict()
+# --- model
+config.network = "r50"              # backbone: r18, r34, r50, r100, r200, mbf (symbols.get_symbol)
+config.embedding_size = 512         # size of the embedding output fc1 (E)
+config.dropout = 0.0                # dropout rate before the embedding FC
+config.fp16 = False                 # float16 trunk (GPU); the head and master weights stay float32
+# --- head (Partial FC)
+config.loss = "arcface"             # arcface | cosface | combined; picks the margins below unless they are given
+config.margins = None               # (m1, m2, m3) of s * (cos(m1 * theta + m2) - m3); None: from `loss`
+config.scale = 64.0                 # s
+config.sample_ratio = 1.0           # share of each rank's centres used per step (1.0: no sampling)
+config.interclass_filter = 0.0      # Partial FC v2: ignore negatives whose cosine exceeds this (0: off)
+config.bank_location = "device"     # where centres + momentum live: device | host | disk
+config.bank_dir = None              # folder of a disk bank (None: a temporary folder)
+# --- optimisation (SGD with momentum)
+config.batch_size = 128             # per rank
+config.lr = 0.1                     # base rate for `lr_batch_reference` samples per step; the run uses
+config.lr_batch_reference = 512     # lr * global_batch / lr_batch_reference (linear scaling rule)
+config.momentum = 0.9
+config.weight_decay = 5e-4          # backbone
+config.fc_weight_decay = 5e-4       # class centres
+config.num_epochs = 20              # run length in epochs (fractions allowed)
+config.max_steps = None             # stop after this many steps when fewer than the epochs give
+config.warmup_epochs = 0.0          # linear warmup to the base rate, in epochs (fractions allowed)
+config.lr_mode = "step"             # step (x lr_factor at each of lr_steps) | poly (to 0 at the last step)
+config.lr_steps = (8, 14, 18)       # epochs at which lr *= lr_factor ("step" mode)
+config.lr_factor = 0.1
+config.lr_power = 2.0               # "poly" mode: lr * (1 - progress) ** lr_power
+# --- data
+config.dataset = None               # the preset's name (set by get_config)
+config.reader = "record"            # record (train.rec RecordIO) | synthetic (random images, no files)
+config.data_dir = None              # --data-dir, else $PFC_DATA_ROOT/<data_folder>
+config.data_folder = None           # the dataset's folder name under $PFC_DATA_ROOT
+config.rec_prefix = "train"         # <data_dir>/train.rec, train.idx, property
+config.num_classes = None           # identities (None: read from the property file)
+config.num_images = None            # images, for the log (the record file is what counts)
+config.synthetic_steps = 1000       # steps per "epoch" of the synthetic reader
+config.preprocess_threads = 2       # JPEG decoding threads per rank
+# --- verification, logging, checkpoints
+config.val_targets = ["lfw", "cfp_fp", "agedb_30"]   # .bin names in val_dir
+config.val_dir = None               # folder of the .bin sets (None: data_dir)
+config.val_batch_size = 64
+config.verbose = 2000               # verify every N steps (0: never)
+config.frequent = 50                # log a line every N steps
+config.checkpoint_every = 2000      # save a checkpoint every N steps (and at the end)
+config.keep_checkpoints = 2         # resumable states kept (legacy model-*.params are all kept)
+config.models_root = "models"       # outputs go to models_root/<dataset>_<network>_<loss>
+config.output = None                # derived from models_root unless given
+config.resume = False               # continue from the newest complete checkpoint in `output`
+config.ctx = "cpu"                  # cpu | gpu (mx.gpu(local_rank))
+config.seed = 0

@@ -1,0 +1,2 @@
+"""Alias of the ms1mv2 preset (InsightFace distributes MS1MV2 as the folder faces_emore)."""
+from recognition.configs.ms1mv2 import config  # noqa: F401

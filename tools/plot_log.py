@@ -1,0 +1,96 @@
+"""Plot a training log (the JSON lines recognition/progress.py writes) as a PNG for the README.
+
+    python tools/plot_log.py models/synthetic_mbf_arcface/train_log.jsonl docs/training.png
+
+Top panel: loss (left axis) and learning rate (right axis) against the step. Bottom panel, when the log holds
+verification results: accuracy of every set against the step. A resumed run's repeated steps are taken from
+the resumed part only.
+"""
+import argparse
+import io
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+from recognition.progress import current_history, read_log  # noqa: E402
+
+
+def load_series(path):
+    """{"step", "loss", "lr": float arrays (NaN where the log has null), "eval": {set: (steps, accuracies)}}
+    from the log at ``path``. Raises FileNotFoundError for a missing file, ValueError for a log without steps."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("no such log file: %s" % path)
+    history = current_history(read_log(path))
+    train = [r for r in history if "loss" in r]
+    if not train:
+        raise ValueError("%s holds no training records (lines with step and loss); is it a train_log.jsonl?"
+                         % path)
+
+    def column(key, records):
+        return np.array([np.nan if r.get(key) is None else r[key] for r in records], dtype=np.float64)
+
+    evals = {}
+    for record in history:
+        for name, scores in record.get("eval", {}).items():
+            evals.setdefault(name, ([], []))
+            evals[name][0].append(record["step"])
+            evals[name][1].append(np.nan if scores.get("accuracy") is None else scores["accuracy"])
+    return {"step": column("step", train), "loss": column("loss", train), "lr": column("lr", train),
+            "eval": {k: (np.array(s, np.float64), np.array(a, np.float64)) for k, (s, a) in sorted(evals.items())}}
+
+
+def plot(series, out_path, title=None):
+    """Draw ``series`` (from ``load_series``) and write it to ``out_path`` as a PNG, atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if series["eval"] else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(8, 3.2 * panels), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    ax.plot(series["step"], series["loss"], color="tab:blue", label="loss")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    lr_axis = ax.twinx()
+    lr_axis.plot(series["step"], series["lr"], color="tab:orange", label="lr")
+    lr_axis.set_ylabel("learning rate", color="tab:orange")
+    if title:
+        ax.set_title(title)
+    if series["eval"]:
+        acc = axes[1][0]
+        for name, (steps, accuracy) in series["eval"].items():
+            acc.plot(steps, accuracy, marker="o", label=name)
+        acc.set_ylabel("verification accuracy")
+        acc.grid(alpha=0.3)
+        acc.legend(loc="lower right")
+    axes[-1][0].set_xlabel("step")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Plot loss / lr / verification accuracy of a training log.")
+    parser.add_argument("log", help="train_log.jsonl written by recognition/train.py")
+    parser.add_argument("out", help="PNG file to write")
+    parser.add_argument("--title", help="title above the plot")
+    args = parser.parse_args(argv)
+    try:
+        series = load_series(args.log)
+    except (OSError, ValueError) as err:
+        sys.stderr.write("plot_log: error: %s\n" % err)
+        return 2
+    plot(series, args.out, title=args.title)
+    print("plot_log: %d training points, %d verification set(s) -> %s"
+          % (len(series["step"]), len(series["eval"]), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
