@@ -59,14 +59,13 @@ class LRSchedule:
 
 def build_schedule(cfg, steps_per_epoch, world_size):
     """The schedule of a run: ``cfg.lr`` scaled to the global batch, epochs (num_epochs, warmup_epochs, lr_steps)
-    converted to steps; ``cfg.max_steps``, when fewer, shortens the run and the schedule spans what is left."""
+    converted to steps. ``cfg.max_steps`` does not change it: it only stops a run early, so a run cut short (or
+    interrupted and resumed) follows exactly the curve of the full run."""
     if steps_per_epoch < 1 or world_size < 1:
         raise ValueError("need steps_per_epoch >= 1 and world_size >= 1, got %r, %r" % (steps_per_epoch, world_size))
     global_batch = cfg.batch_size * world_size
     base_lr = cfg.lr * global_batch / float(cfg.lr_batch_reference)
     total = max(1, int(cfg.num_epochs * steps_per_epoch))
-    if cfg.max_steps:
-        total = min(total, int(cfg.max_steps))
     milestones = [int(round(e * steps_per_epoch)) for e in cfg.lr_steps] if cfg.lr_mode == "step" else []
     if any(m < 1 for m in milestones) or milestones != sorted(set(milestones)):
         raise ValueError("lr_steps %r (epochs) at %d steps per epoch give the milestones %r; they must be "

@@ -81,11 +81,13 @@ def test_build_schedule_scales_lr_to_the_global_batch_and_converts_epochs():
     assert build_schedule(_cfg(), 100, 8).base_lr == pytest.approx(2 * s.base_lr)
 
 
-def test_build_schedule_max_steps_and_poly():
-    s = build_schedule(_cfg(max_steps=120, lr_mode="poly", warmup_epochs=0.0), steps_per_epoch=100, world_size=1)
-    assert (s.total_steps, s.mode, s.step_milestones) == (120, "poly", ())
-    assert s(119) == 0.0 and s(0) == pytest.approx(0.0125 * (1 - 1 / 120) ** 2)
-    # max_steps above the epochs' length does not lengthen the run
+def test_build_schedule_poly_and_max_steps_leaves_the_curve_alone():
+    s = build_schedule(_cfg(lr_mode="poly", warmup_epochs=0.0), steps_per_epoch=100, world_size=1)
+    assert (s.total_steps, s.mode, s.step_milestones) == (300, "poly", ())
+    assert s(299) == 0.0 and s(0) == pytest.approx(0.0125 * (1 - 1 / 300) ** 2)
+    # max_steps only stops the run early: the schedule of a cut-short run is the full run's
+    cut = build_schedule(_cfg(max_steps=120, lr_mode="poly", warmup_epochs=0.0), steps_per_epoch=100, world_size=1)
+    assert cut.state_dict() == s.state_dict()
     assert build_schedule(_cfg(max_steps=10 ** 6), 100, 1).total_steps == 300
 
 

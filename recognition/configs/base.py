@@ -24,7 +24,7 @@ config.momentum = 0.9
 config.weight_decay = 5e-4          # backbone
 config.fc_weight_decay = 5e-4       # class centres
 config.num_epochs = 20              # run length in epochs (fractions allowed)
-config.max_steps = None             # stop after this many steps when fewer than the epochs give
+config.max_steps = None             # stop after this many steps (the LR schedule still spans num_epochs)
 config.warmup_epochs = 0.0          # linear warmup to the base rate, in epochs (fractions allowed)
 config.lr_mode = "step"             # step (x lr_factor at each of lr_steps) | poly (to 0 at the last step)
 config.lr_steps = (8, 14, 18)       # epochs at which lr *= lr_factor ("step" mode)

@@ -1,0 +1,448 @@
+"""Face verification on InsightFace ``.bin`` sets (LFW, CFP-FP, AgeDB-30, ...) with the protocol papers report.
+
+    python eval/verification.py --model models/r50/model,1 --data-dir data/faces_emore --target lfw,cfp_fp,agedb_30
+
+A ``.bin`` is a pickle of ``(images, issame)``: 2P encoded aligned faces (pair i is images 2i and 2i+1) and P
+booleans. Every image and its horizontal flip are embedded and the two embeddings summed; the sums are
+L2-normalised and each pair is scored by the squared Euclidean distance of its two embeddings ("same" when
+the distance is below a threshold). Reported per set:
+    accuracy    10-fold, folds in order: the best of the thresholds 0.00, 0.01, ..., 3.99 on 9 folds is applied
+                to the 10th (mean and std of the 10 held-out accuracies)
+    val         TAR at FAR = 1e-3 on the same folds: thresholds 0.000, 0.001, ..., 3.999; the threshold with FAR
+                1e-3 on the 9 training folds is interpolated linearly between the last threshold whose FAR is
+                <= 1e-3 and the next one, and the true-accept rate is measured at it on the held-out fold
+    auc         ROC AUC over all pairs (score = -distance)
+    xnorm       mean L2 norm of the flip-summed embeddings before normalisation
+"""
+import argparse
+import json
+import os
+import pickle
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+
+ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)
+FAR_TARGET = 1e-3
+DEFAULT_TARGETS = "lfw,cfp_fp,agedb_30"
+_DECODE_CHUNK = 256         # images per decoding task
+
+
+# ------------------------------------------------------------------------------------------- .bin files
+class _BinUnpickler(pickle.Unpickler):
+    """Unpickles only what a .bin holds (lists, tuples, bytes, bools, and the numpy bools / byte arrays some
+    converters write): any other global is refused, so opening a hostile file cannot run code."""
+
+    ALLOWED = {("_codecs", "encode"), ("builtins", "bytearray"), ("__builtin__", "bytearray"),
+               ("numpy", "dtype"), ("numpy", "ndarray"),
+               ("numpy.core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "scalar"), ("numpy._core.multiarray", "_reconstruct")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError("it refers to %s.%s, which a .bin never holds" % (module, name))
+        return super().find_class(module, name)
+
+
+def _as_flags(values, where):
+    """``values`` (bools, numpy bools or 0/1 integers) as a 1-d np.bool_ array; errors name the first bad index."""
+    flags = np.asarray(values)
+    if flags.ndim != 1:
+        raise ValueError("%s: issame must be a flat list of booleans, found shape %s" % (where, flags.shape))
+    if flags.dtype == np.bool_:
+        return flags
+    if flags.dtype.kind in "iu":
+        bad = np.flatnonzero((flags != 0) & (flags != 1))
+    else:
+        bad = [i for i, v in enumerate(values) if not isinstance(v, (bool, np.bool_))]
+    if len(bad):
+        raise ValueError("%s: issame[%d] is %r, not a boolean" % (where, bad[0], values[bad[0]]))
+    return flags.astype(np.bool_)
+
+
+def _encoded_bytes(data, where):
+    """The encoded image ``data`` as a flat uint8 array (bytes, bytearray, memoryview or uint8 array)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        buffer = np.frombuffer(data, np.uint8)
+    elif isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
+        buffer = data
+    else:
+        raise ValueError("%s is a %s, not encoded image bytes" % (where, type(data).__name__))
+    if buffer.size == 0:
+        raise ValueError("%s is empty" % where)
+    return buffer
+
+
+def decode_image(data, image_size, where):
+    """Decode one encoded face to uint8 RGB CHW; ``where`` (file and index) starts every error message."""
+    image = cv2.imdecode(_encoded_bytes(data, where), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError("%s cannot be decoded as an image (corrupt or not a JPEG/PNG)" % where)
+    if image.shape[:2] != tuple(image_size):
+        raise ValueError("%s is %dx%d (HxW), expected %dx%d aligned faces"
+                         % ((where,) + image.shape[:2] + tuple(image_size)))
+    return image[:, :, ::-1].transpose(2, 0, 1)        # cv2 decodes BGR HWC
+
+
+def load_bin(path, image_size=(112, 112), workers=None):
+    """Read a .bin verification set: ``(images, issame)`` with images np.uint8 (2P, 3, H, W) RGB and issame
+    np.bool_ (P,). Python-2 pickles load too (``encoding='bytes'``). Errors name the file and the (first bad)
+    index. ``workers`` decoding threads (default: up to 8, one per CPU)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("verification set not found: %s" % path)
+    try:
+        with open(path, "rb") as f:
+            content = _BinUnpickler(f, encoding="bytes").load()
+    except MemoryError:
+        raise
+    except Exception as error:      # a damaged pickle raises any of a dozen exception types
+        raise ValueError("%s is not a .bin verification set (a pickle of (images, issame)): %s: %s"
+                         % (path, type(error).__name__, error)) from error
+    if not (isinstance(content, (tuple, list)) and len(content) == 2):
+        raise ValueError("%s holds a %s, not the pair (images, issame) of a .bin" % (path, type(content).__name__))
+    bins, issame = content
+    if not isinstance(bins, (list, tuple)):
+        raise ValueError("%s: the images are a %s, not a list of encoded images" % (path, type(bins).__name__))
+    if len(bins) % 2:
+        raise ValueError("%s holds an odd number of images (%d); a .bin stores 2 images per pair" % (path, len(bins)))
+    issame = _as_flags(issame, path)
+    if len(issame) != len(bins) // 2:
+        raise ValueError("%s: %d images make %d pairs but issame has %d entries"
+                         % (path, len(bins), len(bins) // 2, len(issame)))
+    height, width = image_size
+    images = np.empty((len(bins), 3, height, width), np.uint8)
+
+    def decode_range(start):
+        for index in range(start, min(start + _DECODE_CHUNK, len(bins))):
+            images[index] = decode_image(bins[index], image_size, "%s image %d (pair %d)" % (path, index, index // 2))
+
+    # cv2.imdecode releases the GIL: threads scale; results are taken in order, so the first bad index is named
+    with ThreadPoolExecutor(workers or min(8, os.cpu_count() or 1)) as pool:
+        for done in [pool.submit(decode_range, start) for start in range(0, len(bins), _DECODE_CHUNK)]:
+            done.result()
+    return images, issame
+
+
+def write_bin(path, jpeg_list, issame_list):
+    """Write a .bin (the container ``load_bin`` reads) atomically: ``jpeg_list`` holds 2P encoded images,
+    pair i being items 2i and 2i+1, ``issame_list`` P booleans. The images are stored as given."""
+    if len(jpeg_list) % 2:
+        raise ValueError("%s: an odd number of images (%d); a .bin stores 2 images per pair" % (path, len(jpeg_list)))
+    flags = _as_flags(list(issame_list), path)
+    if len(flags) != len(jpeg_list) // 2:
+        raise ValueError("%s: %d images make %d pairs but issame has %d entries"
+                         % (path, len(jpeg_list), len(jpeg_list) // 2, len(flags)))
+    bins = [_encoded_bytes(data, "%s image %d" % (path, i)).tobytes() for i, data in enumerate(jpeg_list)]
+    atomic_write_bytes(path, pickle.dumps((bins, [bool(v) for v in flags]), protocol=4))
+
+
+# ------------------------------------------------------------------------------------------------ model
+def parse_model_spec(spec):
+    """'PREFIX,EPOCH' -> (prefix, epoch)."""
+    prefix, _, epoch = str(spec).rpartition(",")
+    if not prefix or not epoch.strip().isdigit():
+        raise ValueError("model must be given as PREFIX,EPOCH (files PREFIX-symbol.json and PREFIX-EPOCH.params "
+                         "with a 4-digit epoch), got %r" % (spec,))
+    return prefix, int(epoch)
+
+
+def checkpoint_files(spec):
+    """The two files of checkpoint 'PREFIX,EPOCH'; FileNotFoundError names the first one missing."""
+    prefix, epoch = parse_model_spec(spec)
+    files = ("%s-symbol.json" % prefix, "%s-%04d.params" % (prefix, epoch))
+    for path in files:
+        if not os.path.isfile(path):
+            raise FileNotFoundError("model file not found: %s (from %s)" % (path, spec))
+    return files
+
+
+def embedding_symbol(symbol):
+    """The internal output ``fc1_output`` of ``symbol`` when it has one (a training graph with a loss on top),
+    otherwise its single output."""
+    internals = symbol.get_internals()
+    if "fc1_output" in internals.list_outputs():
+        return internals["fc1_output"]
+    if len(symbol.list_outputs()) != 1:
+        raise ValueError("the symbol has no fc1_output and %d outputs (%s); cannot tell which is the embedding"
+                         % (len(symbol.list_outputs()), ", ".join(symbol.list_outputs())))
+    return symbol
+
+
+class Embedder:
+    """Flip-summed embeddings ``f(x) + f(flip_w(x))`` of uint8 RGB NCHW faces with an MXNet symbol.
+
+    The inference module is bound for (batch_size, 3, H, W) (again by ``set_params`` after a forward, see there);
+    the last partial batch is zero-padded to it and the padded rows dropped. Input pixels go to the graph as raw
+    0..255 float32 (it normalises itself).
+    """
+
+    def __init__(self, symbol, arg_params, aux_params, ctx=None, batch_size=64, image_size=(112, 112)):
+        import mxnet as mx
+        if int(batch_size) < 1:
+            raise ValueError("batch_size must be >= 1, got %r" % (batch_size,))
+        self.batch_size = int(batch_size)
+        self.input_shape = (3,) + tuple(int(v) for v in image_size)
+        self.context = mx.cpu() if ctx is None else ctx
+        self.symbol = embedding_symbol(symbol)
+        if "data" not in self.symbol.list_arguments():
+            raise ValueError("the embedding graph has no input named 'data' (its inputs: %s)"
+                             % ", ".join(self.symbol.list_arguments()))
+        self.module = None
+        self.set_params(arg_params, aux_params)
+        self.dim = int(np.prod(self.module.output_shapes[0][1][1:]))
+
+    def _bind(self):
+        import mxnet as mx
+        self.module = mx.mod.Module(self.symbol, data_names=["data"], label_names=None, context=self.context)
+        self.module.bind(data_shapes=[("data", (self.batch_size,) + self.input_shape)], for_training=False)
+        self.has_run = False
+
+    def set_params(self, arg_params, aux_params):
+        """Load new weights (e.g. the training module's, every verification); extra parameters are ignored."""
+        missing = [n for n in self.symbol.list_arguments() if n != "data" and n not in arg_params]
+        missing += [n for n in self.symbol.list_auxiliary_states() if n not in aux_params]
+        if missing:
+            raise ValueError("parameters missing for the embedding graph: %s" % ", ".join(missing[:10]))
+        if self.module is None or self.has_run:
+            # MXNet's CPU (MKLDNN) inference graph caches FC/conv weights (with BN folded in) at its first
+            # forward and ignores later set_params; a fresh bind (~0.2 s for r50) is the reliable refresh.
+            self._bind()
+        self.module.set_params(arg_params, aux_params, allow_missing=False, force_init=True, allow_extra=True)
+
+    @classmethod
+    def from_checkpoint(cls, spec, ctx=None, batch_size=64, image_size=(112, 112)):
+        """An Embedder for the legacy checkpoint 'PREFIX,EPOCH'; FileNotFoundError names a missing file."""
+        import mxnet as mx
+        checkpoint_files(spec)
+        symbol, arg_params, aux_params = mx.model.load_checkpoint(*parse_model_spec(spec))
+        return cls(symbol, arg_params, aux_params, ctx=ctx, batch_size=batch_size, image_size=image_size)
+
+    def _forward(self, batch):
+        """Queue a forward pass of the float32 ``batch``; returns its output copied to the CPU (asynchronously,
+        so the next batch can be prepared while this one runs)."""
+        import mxnet as mx
+        self.has_run = True
+        self.module.forward(mx.io.DataBatch(data=[mx.nd.array(batch)]), is_train=False)
+        return self.module.get_outputs()[0].copyto(mx.cpu())
+
+    def embed(self, images, progress=None):
+        """np.float32 (N, D): raw (not normalised) f(x) + f(x flipped along the width) for uint8 images
+        (N, 3, H, W). ``progress(k)`` is called after every batch of k images."""
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[1:] != self.input_shape:
+            raise ValueError("images must be (N, %d, %d, %d), got %s" % (self.input_shape + (images.shape,)))
+        out = np.empty((len(images), self.dim), np.float32)
+        view_norms = 0.0
+        batch = np.zeros((self.batch_size,) + self.input_shape, np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            count = len(chunk)
+            batch[:count] = chunk
+            batch[count:] = 0               # padding rows: their outputs are dropped
+            plain = self._forward(batch)
+            batch[:count] = chunk[..., ::-1]
+            flipped = self._forward(batch)
+            plain = plain.asnumpy().reshape(self.batch_size, -1)[:count]
+            flipped = flipped.asnumpy().reshape(self.batch_size, -1)[:count]
+            out[start:start + count] = plain + flipped
+            view_norms += np.linalg.norm(plain, axis=1).sum() + np.linalg.norm(flipped, axis=1).sum()
+            if progress is not None:
+                progress(count)
+        # InsightFace's XNorm: the mean norm of the single-view embeddings (plain and flipped), before summing
+        self.last_xnorm = float(view_norms / (2 * len(images))) if len(images) else float("nan")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def _count_below(values, thresholds):
+    """For every threshold t, how many of ``values`` are < t."""
+    return np.searchsorted(np.sort(values), thresholds, side="left")
+
+
+def _rates(dist, issame, thresholds):
+    """(true accepts, false accepts, same pairs, different pairs) at every threshold (accept: dist < t)."""
+    true_accepts = _count_below(dist[issame], thresholds)
+    false_accepts = _count_below(dist[~issame], thresholds)
+    return true_accepts, false_accepts, int(issame.sum()), int((~issame).sum())
+
+
+def _accuracies(dist, issame, thresholds):
+    true_accepts, false_accepts, _, n_diff = _rates(dist, issame, thresholds)
+    return (true_accepts + n_diff - false_accepts) / len(dist)
+
+
+def _far_threshold(dist, issame, far_target):
+    """The distance threshold at which the false-accept rate on (dist, issame) is ``far_target``, interpolated
+    between VAL_THRESHOLDS; 0 when even the largest threshold stays below the target."""
+    _, false_accepts, _, n_diff = _rates(dist, issame, VAL_THRESHOLDS)
+    if n_diff == 0:
+        return 0.0
+    far = false_accepts / n_diff                        # non-decreasing in the threshold, far[0] == 0
+    if far[-1] < far_target:
+        return 0.0
+    low = int(np.searchsorted(far, far_target, side="right")) - 1     # last threshold with far <= target
+    if low == len(far) - 1:
+        return float(VAL_THRESHOLDS[low])
+    step = (far_target - far[low]) / (far[low + 1] - far[low])
+    return float(VAL_THRESHOLDS[low] + step * (VAL_THRESHOLDS[low + 1] - VAL_THRESHOLDS[low]))
+
+
+def pair_distances(embeddings):
+    """Squared Euclidean distance between the L2-normalised embeddings 2i and 2i+1, float64 (P,)."""
+    unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return np.sum(np.square(unit[0::2] - unit[1::2]), axis=1)
+
+
+def evaluate(embeddings, issame, nfolds=10, far_target=FAR_TARGET, xnorm=None):
+    """Verification metrics of flip-summed raw ``embeddings`` (2P, D) for pairs ``issame`` (P,):
+    {accuracy, accuracy_std, val, val_std, far, auc, xnorm, threshold} as Python floats (``threshold``: the mean
+    of the folds' best accuracy thresholds). ``xnorm``: the figure to report (``Embedder.last_xnorm``, the mean
+    single-view norm papers print); by default the mean norm of ``embeddings`` themselves."""
+    from sklearn.metrics import roc_auc_score
+    embeddings = np.asarray(embeddings, np.float64)
+    issame = _as_flags(issame, "evaluate")
+    pairs = len(issame)
+    if embeddings.ndim != 2 or len(embeddings) != 2 * pairs:
+        raise ValueError("need 2 embeddings per pair: %d pairs, embeddings of shape %s" % (pairs, embeddings.shape))
+    if not 2 <= nfolds <= pairs:
+        raise ValueError("nfolds must be in [2, number of pairs = %d], got %d" % (pairs, nfolds))
+    if issame.all() or not issame.any():
+        raise ValueError("issame must hold both same and different pairs")
+    if not 0 < far_target <= 1:
+        raise ValueError("far_target must be in (0, 1], got %r" % (far_target,))
+    norms = np.linalg.norm(embeddings, axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (norms == 0))
+    if len(bad):
+        raise ValueError("embedding %d is %s; cannot normalise it"
+                         % (bad[0], "all zeros" if norms[bad[0]] == 0 else "not finite"))
+    dist = pair_distances(embeddings)
+
+    accuracy, best, val, far = (np.empty(nfolds) for _ in range(4))
+    for fold, test in enumerate(np.array_split(np.arange(pairs), nfolds)):    # = KFold(nfolds, shuffle=False)
+        train = np.ones(pairs, bool)
+        train[test] = False
+        best[fold] = ACCURACY_THRESHOLDS[np.argmax(_accuracies(dist[train], issame[train], ACCURACY_THRESHOLDS))]
+        accuracy[fold] = _accuracies(dist[test], issame[test], best[fold:fold + 1])[0]
+        threshold = _far_threshold(dist[train], issame[train], far_target)
+        accepts, false_accepts, n_same, n_diff = _rates(dist[test], issame[test], [threshold])
+        val[fold] = accepts[0] / n_same if n_same else np.nan          # a fold without same pairs has no VAL
+        far[fold] = false_accepts[0] / n_diff if n_diff else np.nan
+    with np.errstate(invalid="ignore"):
+        return {"accuracy": float(accuracy.mean()), "accuracy_std": float(accuracy.std()),
+                "val": float(np.nanmean(val)), "val_std": float(np.nanstd(val)), "far": float(np.nanmean(far)),
+                "auc": float(roc_auc_score(issame, -dist)),
+                "xnorm": float(norms.mean() if xnorm is None else xnorm),
+                "threshold": float(best.mean())}
+
+
+def verify(embedder, datasets, nfolds=10, progress=False):
+    """{name: evaluate(...)} for ``datasets`` {name: (images, issame)} embedded with ``embedder`` (an Embedder);
+    ``progress`` shows a tqdm bar per set."""
+    results = {}
+    for name, (images, issame) in datasets.items():
+        with tqdm(total=len(images), desc=name, unit="img", disable=not progress, leave=False) as bar:
+            embeddings = embedder.embed(images, progress=bar.update)
+        try:
+            results[name] = evaluate(embeddings, issame, nfolds, xnorm=getattr(embedder, "last_xnorm", None))
+        except ValueError as error:
+            raise ValueError("verification set %s: %s" % (name, error)) from error
+    return results
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+def format_table(results, pair_counts):
+    """The readable table: set | pairs | accuracy ± std | VAL@FAR=1e-3 | AUC | XNorm (rates in %)."""
+    header = ("set", "pairs", "accuracy ± std (%)", "VAL@FAR=1e-3 (%)", "AUC", "XNorm")
+    rows = [(name, str(pair_counts[name]),
+             "%.3f ± %.3f" % (100 * r["accuracy"], 100 * r["accuracy_std"]),
+             "%.3f ± %.3f" % (100 * r["val"], 100 * r["val_std"]), "%.5f" % r["auc"], "%.4g" % r["xnorm"])
+            for name, r in results.items()]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    lines = [" | ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse_context(text):
+    """'cpu', 'gpu' or 'gpu:N' -> an MXNet context; a clear error when MXNet sees no such GPU."""
+    import mxnet as mx
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index:
+        return mx.cpu()
+    if kind == "gpu" and (not index or index.isdigit()):
+        index = int(index or 0)
+        if index >= mx.context.num_gpus():
+            raise ValueError("--ctx %s: MXNet sees %d GPU(s)" % (text, mx.context.num_gpus()))
+        return mx.gpu(index)
+    raise ValueError("--ctx must be cpu, gpu or gpu:N, got %r" % text)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Verification accuracy of a legacy MXNet checkpoint on .bin sets "
+                                                 "(10-fold accuracy, VAL@FAR=1e-3, AUC, XNorm).")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint PREFIX,EPOCH (files PREFIX-symbol.json and PREFIX-%%04d.params)")
+    parser.add_argument("--data-dir", required=True, help="folder holding the sets as NAME.bin")
+    parser.add_argument("--target", default=DEFAULT_TARGETS, help="comma-separated set names (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
+    parser.add_argument("--ctx", default="cpu", help="cpu, gpu or gpu:N (default %(default)s)")
+    parser.add_argument("--image-size", default="112,112", help="H,W of the faces (default %(default)s)")
+    parser.add_argument("--nfolds", type=int, default=10, help="cross-validation folds (default %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object on stdout (the table then goes to stderr)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    """Run the CLI; returns the exit status (0, or 1 after printing an error)."""
+    args = parse_args(argv)
+    import mxnet as mx
+    try:
+        names = [n.strip() for n in args.target.split(",") if n.strip()]
+        if not names:
+            raise ValueError("--target names no set")
+        if args.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1, got %d" % args.batch_size)
+        image_size = tuple(int(v) for v in args.image_size.split(","))
+        if len(image_size) != 2:
+            raise ValueError("--image-size must be H,W, got %r" % args.image_size)
+        context = parse_context(args.ctx)
+        checkpoint_files(args.model)                  # fail before the slow loading
+        paths = {name: os.path.join(args.data_dir, name + ".bin") for name in names}
+        missing = [path for path in paths.values() if not os.path.isfile(path)]
+        if missing:
+            raise FileNotFoundError("verification set(s) not found: %s" % ", ".join(missing))
+        datasets = {}
+        for name, path in paths.items():
+            begin = time.time()
+            datasets[name] = load_bin(path, image_size)
+            print("loaded %s: %d pairs in %.1f s" % (name, len(datasets[name][1]), time.time() - begin),
+                  file=sys.stderr)
+        embedder = Embedder.from_checkpoint(args.model, ctx=context, batch_size=args.batch_size,
+                                            image_size=image_size)
+        results = verify(embedder, datasets, nfolds=args.nfolds, progress=True)
+    except (OSError, ValueError, mx.base.MXNetError) as error:
+        print("error: %s" % error, file=sys.stderr)
+        return 1
+    table = format_table(results, {name: len(issame) for name, (_, issame) in datasets.items()})
+    if args.json:
+        print(table, file=sys.stderr)
+        print(json.dumps({"model": args.model, "sets": {name: dict(pairs=len(datasets[name][1]), **metrics)
+                                                        for name, metrics in results.items()}}))
+    else:
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

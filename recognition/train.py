@@ -1,0 +1,41 @@
+"""Partial FC training entry point.
+
+    horovodrun -np 8 python recognition/train.py --dataset glint360k --network r100 --ctx gpu
+    horovodrun -np 16 -H host1:8,host2:8 python recognition/train.py --dataset ms1mv3 --sample-ratio 0.1
+    python recognition/train.py --dataset synthetic --data-dir demo_output/data      (one process)
+
+Flags override the preset (recognition/configs/<dataset>.py); `--help` lists them.
+"""
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from recognition.config import config_from_args  # noqa: E402
+
+
+def main(argv=None):
+    try:
+        cfg = config_from_args(argv)
+    except ValueError as err:
+        sys.stderr.write("train.py: error: %s\n" % err)
+        return 2
+    import horovod.mxnet as hvd
+    hvd.init()
+    logging.basicConfig(level=logging.INFO if hvd.rank() == 0 else logging.WARNING,
+                        format="%%(asctime)s [rank %d] %%(message)s" % hvd.rank(), datefmt="%H:%M:%S")
+    from recognition.trainer import Trainer
+    try:
+        trainer = Trainer(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        sys.stderr.write("train.py: error (rank %d): %s\n" % (hvd.rank(), err))
+        return 2
+    loss = trainer.fit()
+    if hvd.rank() == 0:
+        logging.info("done: %d steps, last loss %.4f, output in %s", trainer.step, loss, cfg.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

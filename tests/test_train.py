@@ -1,0 +1,215 @@
+"""The training loop: exact resume, resume on another world size, checkpoints, legacy export, signals, errors.
+
+The backbone here is a tiny conv net (``tiny_symbol``) patched in for ``symbols.get_symbol``: the loop's
+behaviour does not depend on the backbone, and the real ones cost seconds per step on this CPU. The demo
+(``make demo``) trains the real MobileFaceNet end to end.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.harness import ROOT, horovodrun_path, run_ranks
+
+COMMON = ["--dataset", "bench_1m", "--num-classes", "203", "--embedding-size", "16", "--batch-size", "4",
+          "--lr", "0.2", "--num-epochs", "2", "--frequent", "1", "--verbose", "0", "--checkpoint-every", "3"]
+
+
+def tiny_symbol(name, embedding_size=512, fp16=False, dropout=0.0, **unused):
+    """A two-conv stand-in backbone with the real ones' interface (raw RGB in, fc1 out, dropout)."""
+    import mxnet as mx
+    x = (mx.sym.Variable("data") - 127.5) * 0.0078125
+    x = mx.sym.Convolution(x, num_filter=8, kernel=(4, 4), stride=(4, 4), no_bias=True, name="conv1")
+    x = mx.sym.relu(mx.sym.BatchNorm(x, name="bn1"))
+    x = mx.sym.Convolution(x, num_filter=8, kernel=(4, 4), stride=(4, 4), no_bias=True, name="conv2")
+    if dropout > 0:
+        x = mx.sym.Dropout(x, p=dropout)
+    x = mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=embedding_size, name="pre_fc1")
+    return mx.sym.BatchNorm(x, fix_gamma=True, name="fc1")
+
+
+def _patch_backbone():
+    import symbols
+    symbols.get_symbol = tiny_symbol
+
+
+def train_body(argv, resume_probe=False):
+    """Train with ``argv``; return what the checks compare (params, centres of this rank, last loss, step)."""
+    import horovod.mxnet as hvd
+    _patch_backbone()
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    trainer = Trainer(config_from_args(argv))
+    probe = None
+    if resume_probe:   # centres right after loading, before any new step
+        trainer.resume()
+        trainer.cfg.resume = False
+        probe = (trainer.head.pfc.class_start, trainer.head.pfc.weight.copy(), trainer.step)
+    loss = trainer.fit()
+    arg, aux = trainer.module.get_params()
+    pfc = trainer.head.pfc
+    return {"rank": hvd.rank(), "loss": loss, "step": trainer.step,
+            "arg": {k: v.asnumpy() for k, v in arg.items()}, "class_start": pfc.class_start,
+            "weight": pfc.weight.copy(), "momentum": pfc.weight_mom.copy(), "probe": probe}
+
+
+def _argv(out, *extra):
+    return COMMON + ["--output", str(out)] + list(extra)
+
+
+@pytest.mark.parametrize("ratio", ["1.0", "0.1"])
+def test_k_steps_plus_resume_plus_k_steps_equals_2k_steps(tmp_path, ratio):
+    straight = run_ranks(train_body, np=2, timeout=240,
+                         kwargs={"argv": _argv(tmp_path / "a", "--sample-ratio", ratio, "--max-steps", "6")})
+    first = run_ranks(train_body, np=2, timeout=240,
+                      kwargs={"argv": _argv(tmp_path / "b", "--sample-ratio", ratio, "--max-steps", "3")})
+    resumed = run_ranks(train_body, np=2, timeout=240,
+                        kwargs={"argv": _argv(tmp_path / "b", "--sample-ratio", ratio, "--max-steps", "6",
+                                              "--resume")})
+    assert first[0]["step"] == 3 and resumed[0]["step"] == 6 == straight[0]["step"]
+    assert first[0]["loss"] != straight[0]["loss"]
+    for a, b in zip(straight, resumed):
+        assert a["loss"] == b["loss"]
+        for name in a["arg"]:
+            np.testing.assert_array_equal(a["arg"][name], b["arg"][name], err_msg=name)
+        np.testing.assert_array_equal(a["weight"], b["weight"])
+        np.testing.assert_array_equal(a["momentum"], b["momentum"])
+    # every rank holds the same backbone (gradients are summed over ranks)
+    for name in straight[0]["arg"]:
+        np.testing.assert_array_equal(straight[0]["arg"][name], straight[1]["arg"][name])
+
+
+def _centres(results, key="weight"):
+    ordered = sorted(results, key=lambda r: r["class_start"])
+    return np.concatenate([r[key] for r in ordered])
+
+
+@pytest.mark.parametrize("saved_on,resumed_on", [(2, 3), (3, 2)])
+def test_resume_on_a_different_world_size_keeps_every_class(tmp_path, saved_on, resumed_on):
+    out = tmp_path / "run"
+    before = run_ranks(train_body, np=saved_on, timeout=240,
+                       kwargs={"argv": _argv(out, "--sample-ratio", "0.3", "--max-steps", "3")})
+    after = run_ranks(train_body, np=resumed_on, timeout=240,
+                      kwargs={"argv": _argv(out, "--sample-ratio", "0.3", "--max-steps", "5", "--resume"),
+                              "resume_probe": True})
+    saved = _centres(before)
+    assert saved.shape == (203, 16)
+    probes = sorted((r["probe"] for r in after), key=lambda probe: probe[0])
+    loaded = np.concatenate([weight for _, weight, _ in probes])
+    np.testing.assert_array_equal(loaded, saved)
+    assert all(r["probe"][2] == 3 for r in after) and after[0]["step"] == 5
+    assert np.isfinite(after[0]["loss"])
+
+
+def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+    import horovod.mxnet as hvd
+    hvd.init()
+    _patch_backbone()
+    from recognition import checkpoint_io
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    out = tmp_path / "run"
+    trainer = Trainer(config_from_args(_argv(out, "--max-steps", "3")))
+    trainer.fit()
+    good = checkpoint_io.latest_complete(os.path.join(str(out), "checkpoints"), "step_*")
+    assert good.endswith("step_000000003")
+
+    def dying_save(folder):
+        with open(os.path.join(folder, "centres_partial.npy"), "wb") as f:
+            f.write(b"half a file")
+        raise KeyboardInterrupt("killed while writing the centres")
+
+    trainer.head.save = dying_save
+    trainer.step = 4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert checkpoint_io.latest_complete(os.path.join(str(out), "checkpoints"), "step_*") == good
+    fresh = Trainer(config_from_args(_argv(out, "--max-steps", "3", "--resume")))
+    assert fresh.resume() and fresh.step == 3
+
+
+def test_legacy_export_gives_the_trainers_embeddings(tmp_path):
+    import mxnet as mx
+    import horovod.mxnet as hvd
+    hvd.init()
+    _patch_backbone()
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    out = tmp_path / "run"
+    trainer = Trainer(config_from_args(_argv(out, "--max-steps", "3")))
+    trainer.fit()
+    images = np.random.default_rng(0).uniform(0, 255, (4, 3, 112, 112)).astype(np.float32)
+    trainer.module.forward(mx.io.DataBatch([mx.nd.array(images)]), is_train=False)
+    expected = trainer.module.get_outputs()[0].asnumpy()
+    assert os.path.exists(os.path.join(str(out), "model-symbol.json"))
+    sym, arg, aux = mx.model.load_checkpoint(os.path.join(str(out), "model"), 1)
+    assert sym.list_outputs() == ["fc1_output"]
+    legacy = mx.mod.Module(sym, data_names=["data"], label_names=None, context=mx.cpu())
+    legacy.bind(data_shapes=[("data", images.shape)], for_training=False)
+    legacy.set_params(arg, aux)
+    legacy.forward(mx.io.DataBatch([mx.nd.array(images)]), is_train=False)
+    # same numbers up to float32 rounding (the inference graph is fused differently by oneDNN)
+    np.testing.assert_allclose(legacy.get_outputs()[0].asnumpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_short_multi_rank_run_lowers_the_loss(tmp_path):
+    out = tmp_path / "run"
+    # a fixed small set of images with fixed labels (the synthetic reader cycles through one epoch)
+    run_ranks(train_body, np=2, timeout=240,
+              kwargs={"argv": _argv(out, "--sample-ratio", "0.5", "--max-steps", "40", "--num-classes", "8",
+                                    "--lr", "0.5")})
+    records = [json.loads(line) for line in open(os.path.join(str(out), "train_log.jsonl"))]
+    losses = [r["loss"] for r in records if r.get("loss") is not None]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), losses
+
+
+def _launch(argv, out):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [horovodrun_path(), "-np", "2", "-H", "localhost:2", "--gloo", sys.executable,
+           os.path.join(ROOT, "tests", "train_tiny.py")] + argv
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(os.path.join(str(out), "out.log"), "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    os.makedirs(str(out))
+    proc = _launch(_argv(out, "--max-steps", "100000", "--checkpoint-every", "100000"), out)
+    try:
+        log_path = os.path.join(str(out), "train_log.jsonl")
+        deadline = time.time() + 120
+        while time.time() < deadline and not (os.path.exists(log_path) and os.path.getsize(log_path) > 200):
+            time.sleep(0.5)
+        ranks = subprocess.run(["pgrep", "-f", "tests/train_tiny.py"], capture_output=True, text=True).stdout.split()
+        workers = [int(p) for p in ranks if int(p) != proc.pid]
+        assert workers, "no training process found"
+        os.kill(max(workers), signal.SIGTERM)          # one rank only
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = open(os.path.join(str(out), "out.log")).read()
+    assert rc != 0, output
+    assert "stopping at step" in output and "signal 15" in output, output
+    from recognition import checkpoint_io
+    saved = checkpoint_io.latest_complete(os.path.join(str(out), "checkpoints"), "step_*")
+    assert saved is not None, output
+    state = json.load(open(os.path.join(saved, "state.json")))
+    assert state["step"] >= 1
+
+
+def test_bad_preset_network_and_missing_data_are_clear_errors(tmp_path, capsys):
+    from recognition.train import main
+    assert main(["--dataset", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset preset 'nope'" in err and "glint360k" in err
+    assert main(["--dataset", "bench_1m", "--network", "r42"]) == 2
+    assert "r18" in capsys.readouterr().err
+    assert main(["--dataset", "synthetic", "--data-dir", str(tmp_path / "missing")]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err

@@ -1,0 +1,63 @@
+"""Full training-step throughput (backbone + Partial FC head + Horovod) on the synthetic reader.
+
+    horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_train.py --network mbf --batch-size 64 --steps 10
+
+Prints one line per step on rank 0 and finally one JSON object: samples_per_sec (global, median step),
+ms_per_step, and the head's share of the step.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--network", default="mbf")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=1000000)
+    p.add_argument("--sample-ratio", type=float, default=0.1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--ctx", default="cpu")
+    args = p.parse_args(argv)
+    import horovod.mxnet as hvd
+    hvd.init()
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    cfg = config_from_args(["--dataset", "bench_1m", "--network", args.network, "--batch-size", str(args.batch_size),
+                            "--num-classes", str(args.num_classes), "--sample-ratio", str(args.sample_ratio),
+                            "--ctx", args.ctx, "--output", os.path.join("models", "bench_train")])
+    trainer = Trainer(cfg)
+    times, head_share = [], []
+    for i, batch in enumerate(trainer.reader.epoch(0)):
+        if i == args.warmup + args.steps:
+            break
+        before = sum(trainer.head.timings.values())
+        start = time.perf_counter()
+        loss = trainer.train_step(batch)
+        elapsed = time.perf_counter() - start
+        trainer.step += 1
+        if i >= args.warmup:
+            times.append(elapsed)
+            head_share.append((sum(trainer.head.timings.values()) - before) / elapsed)
+        if hvd.rank() == 0:
+            print("step %d  %.2f s  loss %.3f" % (i, elapsed, loss), flush=True)
+    ms = 1000 * float(np.median(times))
+    result = {"network": args.network, "world_size": hvd.size(), "batch_size": args.batch_size,
+              "num_classes": args.num_classes, "sample_ratio": args.sample_ratio,
+              "ms_per_step": round(ms, 1),
+              "samples_per_sec": round(args.batch_size * hvd.size() / (ms / 1000.0), 2),
+              "head_share": round(float(np.median(head_share)), 3),
+              "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if hvd.rank() == 0:
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
