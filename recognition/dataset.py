@@ -1,0 +1,355 @@
+"""Training batches: InsightFace RecordIO images through ``mx.io.ImageRecordIter``, or synthetic images.
+
+``RecordReader`` reads the images-only file (``train_iter.rec``, see ``recognition.rec_format``): rank r of P
+reads the part ImageRecordIter's indexed splitter gives it (``part_index=r, num_parts=P``: ceil(N / P) records
+a part, the last part the rest), shuffled each epoch, as NCHW float32 RGB 0-255 (normalisation is in the
+symbol). Class ids come back as exact int64 (the file splits them over two float32 labels).
+
+Exact resume: the batches of epoch e on rank r (images, labels, mirror flags) are a pure function of (file,
+seed, e, rank, num_ranks, batch_size). A fresh ImageRecordIter is made per epoch with a seed drawn from (seed,
+e): its shuffle is fixed by that seed whatever ``preprocess_threads`` is, and the random mirror is done here
+with a generator seeded from (seed, e, rank, step). ``epoch(e, start_step=k)`` reads and drops k batches.
+
+Damage: a broken RecordIO header or a truncated file makes MXNet abort the process, so the rank's records are
+checked (framing, flag, labels; 48 bytes each, no decoding) when the reader is made. A rank whose part holds
+damaged records, or fewer records than one batch, reads in Python instead (same guarantees, slower), skipping
+the damaged ones. An image that does not decode makes ImageRecordIter raise mid-epoch: the rank then reads the
+records it has not handed out yet in Python, skipping the undecodable ones. Skipped records are counted and
+logged; the epoch still has ``steps_per_epoch`` batches (missing rows become pad rows, flagged by
+``Batch.pad``). After such an error the order of the rest of that epoch depends on how far ImageRecordIter had
+read ahead; re-run tools/convert_rec.py, which decodes every record, to get a clean file.
+"""
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import mxnet as mx
+
+from recognition import rec_format
+
+log = logging.getLogger("recognition.data")
+
+_MIRROR, _SHUFFLE, _FALLBACK, _POOL = 1, 2, 3, 4      # stream tags of the seeded generators
+_LOGGED_SKIPS = 10                                    # skipped records logged one by one; later ones summed up
+
+
+class Batch(NamedTuple):
+    data: mx.nd.NDArray      # (B, 3, H, W) float32 RGB 0-255, on the CPU
+    label: np.ndarray        # (B,) int64 class ids
+    pad: int                 # the last ``pad`` rows are padding, not images of this epoch
+
+
+def _mix(*values):
+    """A 31-bit seed drawn from the integers ``values`` (stable across runs and platforms)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def open_record_set(data_dir, prefix="train"):
+    """Find the images-only files of ``data_dir/prefix`` and read ``property``: {"rec", "idx", "property",
+    "num_classes", "image_size", "num_images"}. A missing file raises FileNotFoundError naming it; when only
+    InsightFace's files are there, the message gives the tools/convert_rec.py command that makes the others."""
+    base = os.path.join(data_dir, prefix)
+    rec, idx = rec_format.iter_prefix(base) + ".rec", rec_format.iter_prefix(base) + ".idx"
+    prop = os.path.join(data_dir, rec_format.PROPERTY)
+    for path in (rec, idx):
+        if not os.path.isfile(path):
+            if os.path.isfile(base + ".rec") and os.path.isfile(base + ".idx"):
+                raise FileNotFoundError(
+                    "%s not found: %s holds InsightFace's %s.rec/.idx, which mx.io.ImageRecordIter cannot read "
+                    "(header and identity records); make the images-only copy with: python tools/convert_rec.py %s"
+                    % (path, data_dir, prefix, base))
+            raise FileNotFoundError("training data file not found: %s (pack a folder of images with "
+                                    "tools/pack_rec.py, or convert InsightFace's files with tools/convert_rec.py)"
+                                    % path)
+    num_classes, height, width = rec_format.read_property(prop)
+    with open(idx, "rb") as f:
+        num_images = sum(1 for line in f if line.strip())
+    return {"rec": rec, "idx": idx, "property": prop, "num_classes": num_classes, "image_size": (height, width),
+            "num_images": num_images}
+
+
+def shard_bounds(num_images, num_ranks, rank):
+    """[start, end) of rank's records in file order, cut as ImageRecordIter's indexed splitter cuts them."""
+    step = -(-num_images // num_ranks)
+    return min(rank * step, num_images), min((rank + 1) * step, num_images)
+
+
+class RecordReader:
+    """Batches of this rank's part of an images-only RecordIO file; see the module docstring."""
+
+    def __init__(self, rec_path, batch_size, num_classes, rank=0, num_ranks=1, seed=0, shuffle=True,
+                 rand_mirror=True, image_size=(112, 112), preprocess_threads=2, prefetch_buffer=4,
+                 last_batch="discard"):
+        if last_batch not in ("discard", "pad"):
+            raise ValueError("last_batch must be 'discard' or 'pad', got %r" % (last_batch,))
+        if batch_size < 1 or num_classes < 1 or not 0 <= rank < num_ranks:
+            raise ValueError("need batch_size >= 1, num_classes >= 1 and 0 <= rank < num_ranks; got %d, %d, %d, %d"
+                             % (batch_size, num_classes, rank, num_ranks))
+        self.rec_path, self.idx_path = rec_path, rec_format.index_path(rec_path)
+        for path in (self.rec_path, self.idx_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError("training data file not found: %s" % path)
+        self.batch_size, self.num_classes = int(batch_size), int(num_classes)
+        self.rank, self.num_ranks, self.seed = int(rank), int(num_ranks), int(seed)
+        self.shuffle, self.rand_mirror, self.last_batch = bool(shuffle), bool(rand_mirror), last_batch
+        self.image_size = tuple(int(v) for v in image_size)
+        self.preprocess_threads, self.prefetch_buffer = int(preprocess_threads), int(prefetch_buffer)
+        # records skipped: those found damaged when the reader is made (once; they are left out of every
+        # epoch) plus those that fail to decode, each time an epoch meets them
+        self.skipped = 0
+        self._pool = None
+
+        _, offsets = rec_format.read_index(self.idx_path)
+        offsets = np.sort(offsets)             # the splitter sorts records by offset, whatever their keys
+        self.num_images = len(offsets)
+        bounds = [shard_bounds(self.num_images, num_ranks, r) for r in range(num_ranks)]
+        sizes = [end - start for start, end in bounds]
+        if last_batch == "discard":
+            self.steps_per_epoch = min(sizes) // self.batch_size
+        else:
+            self.steps_per_epoch = -(-max(sizes) // self.batch_size)
+        self.shard = shard_bounds(self.num_images, num_ranks, rank)
+        self._check_first_record(offsets)
+        self._offsets, self._good = self._check_shard(offsets)
+        shard_size = self.shard[1] - self.shard[0]
+        self._iter_batches = -(-shard_size // self.batch_size)     # what ImageRecordIter yields (last one padded)
+        self.uses_record_iter = bool(self._good.all()) and shard_size >= self.batch_size
+        if not self.uses_record_iter and shard_size:
+            log.info("rank %d: reading records %d..%d of %s in Python (%s)", rank, self.shard[0], self.shard[1] - 1,
+                     rec_path, "damaged records" if not self._good.all() else "fewer records than one batch")
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _check_first_record(self, offsets):
+        """Refuse a file in another layout (e.g. InsightFace's, whose record 0 is a header) up front."""
+        with rec_format.RecordFile(self.rec_path) as f:
+            try:
+                flag, labels, payload = rec_format.unpack_record(f.read(offsets[0]))
+            except ValueError as err:
+                log.warning("%s: record 0 is damaged (%s)", self.rec_path, err)
+                return
+        if flag != rec_format.ITER_LABEL_WIDTH or not payload:
+            raise ValueError("%s is not an images-only file of this project (record 0 has flag %d and a %d-byte "
+                             "payload; expected flag 4 and an image): make one with: python tools/convert_rec.py "
+                             "PREFIX, or tools/pack_rec.py" % (self.rec_path, flag, len(payload)))
+        try:                                   # a size mismatch would leave every batch padding: stop here
+            rec_format.decode_image(payload, self.image_size)
+        except rec_format.WrongImageSize as err:
+            raise ValueError("%s record 0: %s: pass image_size as in the property file" % (self.rec_path, err))
+        except ValueError:
+            pass                               # an undecodable image is skipped like any damaged record
+
+    def _check_shard(self, offsets):
+        """(offsets, good mask) of this rank's records after checking every one without decoding it; a class id
+        >= num_classes raises ValueError naming the record."""
+        start, end = self.shard
+        mine = offsets[start:end]
+        ends = np.append(offsets[start + 1:end + 1], os.path.getsize(self.rec_path))[:len(mine)]
+        began, last = time.monotonic(), [time.monotonic()]
+
+        def progress(done, total):
+            now = time.monotonic()
+            if now - last[0] >= 10 and done < total:
+                last[0] = now
+                speed = done / (now - began)
+                log.info("rank %d: checked %d / %d records of %s (%.0f records/s, ETA %.0f s)",
+                         self.rank, done, total, self.rec_path, speed, (total - done) / speed)
+
+        classes, keys = rec_format.scan_iter_records(self.rec_path, mine, ends, progress=progress)
+        good = (classes >= 0) & (keys == np.arange(start, end))
+        too_big = np.flatnonzero(good & (classes >= self.num_classes))
+        if too_big.size:
+            i = too_big[0]
+            raise ValueError("%s: record %d (byte %d) has class id %d >= num_classes %d (%d record(s) of rank %d "
+                             "out of range): check property / num_classes" % (
+                                 self.rec_path, start + i, mine[i], classes[i], self.num_classes, too_big.size,
+                                 self.rank))
+        damaged = np.flatnonzero(~good)
+        if damaged.size:
+            self.skipped += int(damaged.size)
+            log.warning("rank %d: %d damaged record(s) in %s (first: record %d at byte %d) will be skipped every "
+                        "epoch; re-run tools/convert_rec.py to make a clean file", self.rank, damaged.size,
+                        self.rec_path, start + damaged[0], mine[damaged[0]])
+        return mine, good
+
+    # ------------------------------------------------------------------------------------------ batches
+    def epoch(self, epoch, start_step=0):
+        """Yield exactly ``steps_per_epoch - start_step`` Batches: steps start_step .. steps_per_epoch-1 of
+        ``epoch`` (the same batches an uninterrupted pass yields from there)."""
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError("start_step %d outside [0, %d]" % (start_step, self.steps_per_epoch))
+        if start_step == self.steps_per_epoch:
+            return
+        if start_step:
+            log.info("rank %d: epoch %d resumes at step %d: reading past %d batches", self.rank, epoch,
+                     start_step, start_step)
+        skipped_before = self.skipped
+        if self.uses_record_iter:
+            source = self._record_iter_batches(epoch)
+        else:
+            source = self._python_batches(epoch, np.flatnonzero(self._good), 0, _SHUFFLE)
+        try:
+            for step, (data, labels, pad) in enumerate(source):
+                if step >= start_step:
+                    yield self._finish(data, labels, pad, epoch, step)
+        finally:
+            source.close()
+        if self.skipped > skipped_before:
+            log.warning("rank %d: epoch %d skipped %d damaged record(s) (%d in all)", self.rank, epoch,
+                        self.skipped - skipped_before, self.skipped)
+
+    def _finish(self, data, labels, pad, epoch, step):
+        """Random mirror (seeded by seed, epoch, rank, step) and wrap as a Batch."""
+        if self.rand_mirror:
+            flip = np.random.default_rng(_mix(self.seed, epoch, self.rank, step, _MIRROR)).random(len(data)) < 0.5
+            for row in np.flatnonzero(flip):
+                planes = data[row].reshape(-1, data.shape[-1])     # a view: C*H rows of W pixels
+                cv2.flip(planes, 1, dst=planes)                    # in place, ~8x faster than a NumPy reverse
+        return Batch(mx.nd.from_numpy(data, zero_copy=True), labels.astype(np.int64), int(pad))
+
+    def _make_iter(self, epoch):
+        return mx.io.ImageRecordIter(
+            path_imgrec=self.rec_path, path_imgidx=self.idx_path, data_shape=(3,) + self.image_size,
+            batch_size=self.batch_size, label_width=rec_format.ITER_LABEL_WIDTH, shuffle=self.shuffle,
+            seed=_mix(self.seed, epoch), part_index=self.rank, num_parts=self.num_ranks,
+            preprocess_threads=self.preprocess_threads, prefetch_buffer=self.prefetch_buffer, round_batch=True,
+            rand_mirror=False, verbose=False)
+
+    def _record_iter_batches(self, epoch):
+        """(data, labels, pad) for every step of the epoch from ImageRecordIter; Python takes over on an error."""
+        delivered, last, it = [], None, None
+        try:
+            for step in range(self.steps_per_epoch):
+                if step >= self._iter_batches:                # "pad": this part is used up, a larger one is not
+                    yield self._pad_batch(last)
+                    continue
+                try:
+                    if it is None:
+                        it = self._make_iter(epoch)
+                    batch = it.next()
+                except mx.base.MXNetError as err:
+                    log.warning("rank %d: epoch %d step %d: ImageRecordIter failed on %s (%s); reading the rest of "
+                                "the epoch in Python", self.rank, epoch, step, self.rec_path,
+                                str(err).strip().splitlines()[-1])
+                    it = None
+                    done = np.concatenate(delivered) - self.shard[0] if delivered else np.zeros(0, np.int64)
+                    rest = np.setdiff1d(np.flatnonzero(self._good), done)
+                    yield from self._python_batches(epoch, rest, step, _FALLBACK)
+                    return
+                classes, keys = rec_format.decode_iter_labels(batch.label[0].asnumpy())
+                real = self.batch_size - batch.pad
+                self._check_classes(classes[:real], keys[:real])
+                delivered.append(keys[:real])
+                data = batch.data[0].asnumpy()
+                if step == self._iter_batches - 1 < self.steps_per_epoch - 1:
+                    last = (data.copy(), classes)              # kept unmirrored for the all-padding batches
+                yield data, classes, batch.pad
+        finally:
+            del it
+
+    def _check_classes(self, classes, keys):
+        bad = np.flatnonzero((classes < 0) | (classes >= self.num_classes))
+        if bad.size:
+            raise ValueError("%s: record %d has class id %d outside [0, %d)"
+                             % (self.rec_path, keys[bad[0]], classes[bad[0]], self.num_classes))
+
+    def _pad_batch(self, last):
+        """An all-padding batch: the previous batch again (or zeros), every row flagged as pad."""
+        if last is None:
+            data = np.zeros((self.batch_size, 3) + self.image_size, np.float32)
+            return data, np.zeros(self.batch_size, np.int64), self.batch_size
+        return last[0].copy(), last[1].copy(), self.batch_size
+
+    def _python_batches(self, epoch, positions, first_step, tag):
+        """(data, labels, pad) for steps first_step .. steps_per_epoch-1, decoding the records at ``positions``
+        (indexes into this rank's part) in a seeded order; records that fail are skipped and counted."""
+        order = np.asarray(positions, np.int64)
+        if self.shuffle:
+            order = np.random.default_rng(_mix(self.seed, epoch, self.rank, tag)).permutation(order)
+        cursor, last = 0, None
+        for _ in range(first_step, self.steps_per_epoch):
+            images, classes = [], []
+            while len(images) < self.batch_size and cursor < len(order):
+                take = order[cursor:cursor + self.batch_size - len(images)]
+                cursor += len(take)
+                for image, class_id in self._decode(take):
+                    if image is not None:
+                        images.append(image)
+                        classes.append(class_id)
+            if not images:
+                yield self._pad_batch(last)
+                continue
+            real = len(images)
+            rows = np.arange(self.batch_size) % real              # pad rows repeat real ones
+            data = np.empty((self.batch_size, 3) + self.image_size, np.float32)
+            for i, row in enumerate(rows):
+                data[i] = images[row]
+            labels = np.asarray(classes, np.int64)[rows]
+            if cursor >= len(order):
+                last = (data.copy(), labels)                   # kept unmirrored for the all-padding batches
+            yield data, labels, self.batch_size - real
+
+    def _decode(self, positions):
+        """[(CHW uint8 image or None, class id)] of records at ``positions`` of this rank's part, decoded in
+        ``preprocess_threads`` threads (OpenCV releases the GIL)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max(1, self.preprocess_threads), thread_name_prefix="record-decode")
+            self._file = rec_format.RecordFile(self.rec_path)
+        results = list(self._pool.map(self._decode_one, positions))
+        for position, (image, class_id, reason) in zip(positions, results):
+            if image is None:
+                self.skipped += 1
+                if self.skipped <= _LOGGED_SKIPS:
+                    log.warning("rank %d: skipped record %d of %s: %s", self.rank, self.shard[0] + position,
+                                self.rec_path, reason)
+        return [(image, class_id) for image, class_id, _ in results]
+
+    def _decode_one(self, position):
+        key = self.shard[0] + int(position)
+        try:
+            flag, labels, payload = rec_format.unpack_record(self._file.read(self._offsets[position]))
+            if flag != rec_format.ITER_LABEL_WIDTH:
+                raise ValueError("flag %d, expected %d" % (flag, rec_format.ITER_LABEL_WIDTH))
+            image = rec_format.decode_image(payload, self.image_size)
+        except ValueError as err:
+            return None, -1, str(err)
+        class_id = rec_format.exact_class_id(flag, labels, "%s record %d" % (self.rec_path, key))
+        self._check_classes(np.array([class_id]), np.array([key]))
+        return image.transpose(2, 0, 1), class_id, ""
+
+    def close(self):
+        """Stop the decoding threads of the Python path (if it ran)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._file.close()
+            self._pool = None
+
+
+class SyntheticReader:
+    """Random images with uniformly random class ids in [0, num_classes) (up to 10^8 and beyond), for benchmarks:
+    the same interface as RecordReader. Rows are drawn from a fixed pool of random images; images and labels of
+    (epoch, step) are a pure function of (seed, epoch, rank, step)."""
+
+    def __init__(self, batch_size, num_classes, steps_per_epoch=1000, rank=0, num_ranks=1, seed=0,
+                 image_size=(112, 112)):
+        if batch_size < 1 or num_classes < 1 or steps_per_epoch < 1 or not 0 <= rank < num_ranks:
+            raise ValueError("need batch_size, num_classes, steps_per_epoch >= 1 and 0 <= rank < num_ranks")
+        self.batch_size, self.num_classes = int(batch_size), int(num_classes)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.rank, self.num_ranks, self.seed = int(rank), int(num_ranks), int(seed)
+        self.num_images = self.steps_per_epoch * self.batch_size * self.num_ranks
+        rng = np.random.default_rng(_mix(seed, rank, _POOL))
+        pool_size = self.batch_size + 61      # rows are drawn with replacement: batches differ step to step
+        self._pool = rng.integers(0, 256, (pool_size, 3) + tuple(image_size), dtype=np.uint8).astype(np.float32)
+
+    def epoch(self, epoch, start_step=0):
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise ValueError("start_step %d outside [0, %d]" % (start_step, self.steps_per_epoch))
+        for step in range(start_step, self.steps_per_epoch):
+            rng = np.random.default_rng(_mix(self.seed, epoch, self.rank, step))
+            rows = rng.integers(0, len(self._pool), self.batch_size)
+            labels = rng.integers(0, self.num_classes, self.batch_size, dtype=np.int64)
+            yield Batch(mx.nd.from_numpy(np.take(self._pool, rows, axis=0), zero_copy=True), labels, 0)
