@@ -91,7 +91,7 @@ class Trainer:
         import symbols
         cfg = self.cfg
         symbol = symbols.get_symbol(cfg.network, embedding_size=cfg.embedding_size, fp16=cfg.fp16,
-                                    dropout=cfg.dropout)
+                                    dropout=cfg.dropout, act_type=cfg.act_type)
         module = mx.mod.Module(symbol, data_names=["data"], label_names=None, context=self.ctx)
         module.bind(data_shapes=[("data", (cfg.batch_size, 3, 112, 112))], for_training=True)
         mx.random.seed(cfg.seed)

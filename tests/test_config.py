@@ -171,3 +171,10 @@ def test_help_names_presets_networks_and_losses():
 def test_parser_defaults_are_none_so_presets_win():
     args = config_module.build_arg_parser().parse_args(["--dataset", "webface"])
     assert all(v is None for k, v in vars(args).items() if k != "dataset")
+
+
+def test_activation_choices_are_the_backbones():
+    from symbols.common import ACT_TYPES
+    assert config_module.ACTIVATIONS == ACT_TYPES
+    with pytest.raises(SystemExit):
+        config_from_args(["--dataset", "bench_1m", "--act-type", "swish"])

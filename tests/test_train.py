@@ -157,16 +157,32 @@ def test_legacy_export_gives_the_trainers_embeddings(tmp_path):
     np.testing.assert_allclose(legacy.get_outputs()[0].asnumpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_short_multi_rank_run_lowers_the_loss(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_faces(tmp_path_factory):
+    """A small packed synthetic-identities set with its holdout.bin (tools/make_synthetic.py)."""
+    folder = tmp_path_factory.mktemp("faces")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_synthetic.py"), str(folder), "--identities",
+                    "12", "--images", "8", "--holdout", "6", "--pairs", "40", "--workers", "1"],
+                   check=True, cwd=ROOT, capture_output=True)
+    return str(folder)
+
+
+def test_short_multi_rank_run_lowers_the_loss_and_verifies(tmp_path, tiny_faces):
     out = tmp_path / "run"
-    # a fixed small set of images with fixed labels (the synthetic reader cycles through one epoch)
-    run_ranks(train_body, np=2, timeout=240,
-              kwargs={"argv": _argv(out, "--sample-ratio", "0.5", "--max-steps", "40", "--num-classes", "8",
-                                    "--lr", "0.5")})
+    argv = ["--dataset", "synthetic", "--data-dir", tiny_faces, "--network", "mbf", "--embedding-size", "16",
+            "--batch-size", "4", "--sample-ratio", "0.5", "--lr", "0.5", "--num-epochs", "4", "--frequent", "1",
+            "--verbose", "10", "--checkpoint-every", "100", "--output", str(out)]
+    results = run_ranks(train_body, np=2, timeout=240, kwargs={"argv": argv})
+    assert results[0]["step"] == 4 * (12 * 8 // 8)          # 96 images, global batch 8: 12 steps an epoch
     records = [json.loads(line) for line in open(os.path.join(str(out), "train_log.jsonl"))]
     losses = [r["loss"] for r in records if r.get("loss") is not None]
-    assert len(losses) == 40
+    assert len(losses) == 48
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8]), losses
+    evals = [r["eval"]["holdout"] for r in records if "eval" in r]
+    assert len(evals) == 5 and all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
+    best = json.load(open(os.path.join(str(out), "best.json")))
+    assert best["mean_accuracy"] == max(e["accuracy"] for e in evals)
+    assert os.path.exists(os.path.join(str(out), "best-0000.params"))
 
 
 def _launch(argv, out):

@@ -1,5 +1,45 @@
 #!/usr/bin/env bash
-# `make bench`: the standard benchmark table (figures go to docs/benchmarks.md by hand, with the date).
+# `make bench`: the benchmark table of docs/benchmarks.md, about 25 minutes on 2 cores. Every run's full
+# output goes to $BENCH_OUT (default bench_output/); the JSON line each benchmark ends with is collected in
+# $BENCH_OUT/summary.jsonl. BENCH_10M=1 adds the out-of-core 10M-class runs (disk bank, sparse files under
+# $BENCH_DISK_DIR, default /var/tmp/pfcbank; ratio 0.1 takes about 30 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "bench: no benchmarks yet"
+OUT=${BENCH_OUT:-bench_output}
+mkdir -p "$OUT"
+: > "$OUT/summary.jsonl"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MXNET_CPU_WORKER_NTHREADS=1 OPENBLAS_NUM_THREADS=1
+HVD="horovodrun -np 2 -H localhost:2 --gloo"
+
+run() {   # run NAME COMMAND...: log to $OUT/NAME.log, keep its JSON lines
+    local name=$1; shift
+    echo "bench: $name: $*"
+    # horovodrun prefixes rank output with "[R]<stdout>:"
+    "$@" 2>&1 | sed -u 's/^\[[0-9]*\]<std[a-z]*>://' | tee "$OUT/$name.log" | grep -E '^step|^\{' | tail -n 3
+    grep -E '^\{' "$OUT/$name.log" | python -c "import json, sys
+for line in sys.stdin:
+    print(json.dumps(dict(bench='$name', **json.loads(line))))" >> "$OUT/summary.jsonl"
+}
+
+run pfc_100k_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 100000 --sample-ratio 0.1 --steps 20
+run pfc_1m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 0.1 --steps 20
+run pfc_1m_r1.0 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 1.0 --steps 10
+run pfc_4m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 4000000 --sample-ratio 0.1 --steps 10
+run data_reader python tools/benchmark_data.py --images 8192 --epochs 2
+run train_mbf $HVD python tools/benchmark_train.py --network mbf --act-type prelu_conv --batch-size 64 \
+    --num-classes 1000000 --sample-ratio 0.1 --steps 5
+run train_r50 $HVD python tools/benchmark_train.py --network r50 --act-type prelu_conv --batch-size 64 \
+    --num-classes 1000000 --sample-ratio 0.1 --steps 2 --warmup 1
+run backbones python tools/count_flops.py --throughput mbf r18 --act-type prelu_conv --batch-size 32 --iters 3
+if [ "${BENCH_10M:-0}" = 1 ]; then
+    DISK=${BENCH_DISK_DIR:-/var/tmp/pfcbank}
+    run pfc_10m_disk_r0.01 $HVD python tools/benchmark_pfc.py --num-classes 10000000 --sample-ratio 0.01 \
+        --bank-location disk --disk-dir "$DISK" --no-floor --warmup 2 --steps 20
+    rm -rf "$DISK"
+    # I/O bound: 30 s to 100 s a step here (about 1 GB of scattered row reads and writes per rank and step)
+    run pfc_10m_disk_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 10000000 --sample-ratio 0.1 \
+        --bank-location disk --disk-dir "$DISK" --no-floor --warmup 2 --steps 20
+    rm -rf "$DISK"
+fi
+echo "bench: summary in $OUT/summary.jsonl"
+cat "$OUT/summary.jsonl"

@@ -25,6 +25,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--ctx", default="cpu")
+    p.add_argument("--act-type", default="prelu", help="backbone activation: prelu, prelu_conv, relu")
     args = p.parse_args(argv)
     import horovod.mxnet as hvd
     hvd.init()
@@ -32,7 +33,7 @@ def main(argv=None):
     from recognition.trainer import Trainer
     cfg = config_from_args(["--dataset", "bench_1m", "--network", args.network, "--batch-size", str(args.batch_size),
                             "--num-classes", str(args.num_classes), "--sample-ratio", str(args.sample_ratio),
-                            "--ctx", args.ctx, "--output", os.path.join("models", "bench_train")])
+                            "--ctx", args.ctx, "--act-type", args.act_type, "--output", os.path.join("models", "bench_train")])
     trainer = Trainer(cfg)
     times, head_share = [], []
     for i, batch in enumerate(trainer.reader.epoch(0)):
@@ -49,7 +50,7 @@ def main(argv=None):
         if hvd.rank() == 0:
             print("step %d  %.2f s  loss %.3f" % (i, elapsed, loss), flush=True)
     ms = 1000 * float(np.median(times))
-    result = {"network": args.network, "world_size": hvd.size(), "batch_size": args.batch_size,
+    result = {"network": args.network, "act_type": args.act_type, "world_size": hvd.size(), "batch_size": args.batch_size,
               "num_classes": args.num_classes, "sample_ratio": args.sample_ratio,
               "ms_per_step": round(ms, 1),
               "samples_per_sec": round(args.batch_size * hvd.size() / (ms / 1000.0), 2),

@@ -7,6 +7,7 @@ config = edict()
 config.network = "r50"              # backbone: r18, r34, r50, r100, r200, mbf (symbols.get_symbol)
 config.embedding_size = 512         # size of the embedding output fc1 (E)
 config.dropout = 0.0                # dropout rate before the embedding FC
+config.act_type = "prelu"           # prelu | prelu_conv (same parameters, faster on CPU) | relu
 config.fp16 = False                 # float16 trunk (GPU); the head and master weights stay float32
 # --- head (Partial FC)
 config.loss = "arcface"             # arcface | cosface | combined; picks the margins below unless they are given

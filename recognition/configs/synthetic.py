@@ -9,6 +9,7 @@ config = edict()
 config.data_folder = "synthetic"
 config.num_classes = None          # read from the folder's property file
 config.network = "mbf"
+config.act_type = "prelu_conv"     # PReLU computed with convolutions: ~4x faster mbf training on a CPU
 config.loss = "arcface"
 config.margins = (1.0, 0.3, 0.0)
 config.scale = 32.0
