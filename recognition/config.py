@@ -55,7 +55,10 @@ def build_arg_parser():
                                 "Horovod). Launch with: horovodrun -np N python recognition/train.py --dataset ...")
     add = p.add_argument
     add("--dataset", required=True, help="preset: " + ", ".join(list_presets()))
-    add("--network", help="backbone: " + ", ".join(NETWORKS))
+    # --backbone: the same flag under a name horovodrun's own parser accepts (Python's argparse reads
+    # "--network" after the command as an abbreviation of horovodrun's --network-interface(s), an error)
+    add("--network", "--backbone", dest="network", help="backbone: " + ", ".join(NETWORKS)
+        + " (write --backbone after horovodrun: it rejects --network)")
     add("--loss", help="margin preset: " + ", ".join("%s %s" % kv for kv in LOSSES.items()))
     add("--margins", help="m1,m2,m3 of s*(cos(m1*theta+m2)-m3) on the target logit; overrides --loss")
     add("--scale", type=float, help="logit scale s")

@@ -5,7 +5,8 @@ differ by at most one: no padded phantom classes). One training step, ``forward_
 
 1. embeddings and integer labels of the global batch are gathered (one ``hvd.allgather``, labels bit-exact)
    together with each rank's shapes and finiteness, and checked on every rank, so bad input raises the same
-   error on every rank and no rank is left waiting in a later collective;
+   error on every rank and no rank is left waiting in a later collective; label ``IGNORE_LABEL`` (-1) marks a
+   row that takes no part in the loss (the padding of an epoch's last batch);
 2. each rank samples its positive centres plus uniform negatives (``sampler.PPRNSampler``) and pulls those rows
    from its memory bank;
 3. cosine logits = normalised embeddings x normalised sampled centres; the combined margin goes on each target
@@ -13,7 +14,7 @@ differ by at most one: no padded phantom classes). One training step, ``forward_
    threshold (Partial FC v2);
 4. softmax cross-entropy over the union of all ranks' samples: each rank's row max, row sum of exponentials
    and target term (exactly one rank holds a row's target) are combined exactly in one collective (see
-   ``_softmax_stats``); the loss, the mean over the global batch, is identical on every rank;
+   ``_softmax_stats``); the loss, the mean over the global batch's labelled rows, is identical on every rank;
 5. backward: the embedding gradient is summed over ranks and scattered back (``hvd.reducescatter``), each rank
    receiving its own rows; the sampled centres' gradient is kept for ``update(lr)``, which applies SGD with
    momentum and weight decay to exactly those rows in the bank.
@@ -35,6 +36,7 @@ from recognition.memory_bank import make_bank
 from recognition.sampler import PPRNSampler
 
 _NEG_INF = np.float32(-np.inf)
+IGNORE_LABEL = -1   # a row with this label is ignored: no loss, zero gradient, samples no centre
 META_FIELDS = 5      # int64 header fields of each rank's input segment (see _gather_inputs)
 UPDATE_BLOCK = 512   # rows per block of the CPU centre-gradient + update pass (512 x 512 floats: 1 MB, in L2)
 
@@ -104,6 +106,7 @@ class PartialFC:
         self.step = 0            # forward_backward calls so far: keys the sampler's random stream
         self._index = None       # local rows sampled in the last step (None: all rows)
         self._pending = None     # what update() needs from the last forward_backward
+        self._labelled = None    # which global rows of the last step have a label (not IGNORE_LABEL)
         self._workspace = Workspace()
         self.timings = defaultdict(float)   # seconds per phase, accumulated (benchmarks and logs read it)
 
@@ -130,9 +133,11 @@ class PartialFC:
         return self.bank.momentum
 
     def forward_backward(self, local_embeddings, local_labels):
-        """Loss (Python float, mean over the global batch) and d(loss)/d(local_embeddings) (NDArray on ctx)."""
+        """Loss (Python float, mean over the global batch's rows whose label is not IGNORE_LABEL; 0.0 when every
+        row is ignored) and d(loss)/d(local_embeddings) (NDArray on ctx; zero on ignored rows)."""
         clock = _Clock(self.timings)
         x_local, x, y = self._gather_inputs(local_embeddings, local_labels)
+        self._labelled = y != IGNORE_LABEL
         xn, x_inv = l2_normalize_rows(x)
         clock.tick("gather")
         index, target_col = self.sampler.sample(y, self.step)
@@ -230,9 +235,9 @@ class PartialFC:
                 problems.append("rank %d has %d non-finite embedding values (NaN/inf)" % (r, nonfinite))
             if is_int and nl:
                 lo, hi = int(ys[-1].min()), int(ys[-1].max())
-                if lo < 0 or hi >= self.num_classes:
-                    problems.append("rank %d has label %d outside [0, %d)"
-                                    % (r, lo if lo < 0 else hi, self.num_classes))
+                if lo < IGNORE_LABEL or hi >= self.num_classes:
+                    problems.append("rank %d has label %d outside [0, %d) (%d marks an ignored row)"
+                                    % (r, lo if lo < IGNORE_LABEL else hi, self.num_classes, IGNORE_LABEL))
         if problems:
             raise ValueError("PartialFC: bad input at step %d: %s" % (self.step, "; ".join(problems)))
         x_global = np.concatenate(xs).reshape(-1, self.embedding_size)
@@ -246,21 +251,25 @@ class PartialFC:
         """psi(cos) and d psi / d cos of the target entries held by this rank (float64)."""
         return self.margin(cos_t)
 
-    def _softmax_stats(self, row_max_local, row_sum_local, target_logit, has_target):
-        """Combine the ranks' partial softmax statistics with one allgather; return (row factor, loss).
+    def _softmax_stats(self, row_max_local, row_sum_local, target_logit, has_target, labelled):
+        """Combine the ranks' partial softmax statistics with one allgather; return (row factor, loss, rows).
 
         Rank r exponentiated its logits z with its own row max m_r: S_r = sum_j exp(z_j - m_r). With
         M = max_r m_r, the global sum is T = sum_r S_r exp(m_r - M), the loss of a row M + log T - z_target
         (the target logit sits on exactly one rank), and p_j = exp(z_j - m_r) * exp(m_r - M) / T: this rank's
         factor. (The same as allreducing the max, then the sums, with one synchronisation instead of two.)
+        ``labelled`` (every rank knows every label) keeps ignored rows out of the loss, and their factor is 0;
+        ``rows`` is the number of labelled rows, the mean's denominator (at least 1).
         """
         local = np.stack([row_max_local, row_sum_local, np.where(has_target, target_logit, 0.0)]).astype(np.float64)
         every = dist.allgather(local[None], name="pfc.softmax_stats")       # (world, 3, batch)
         maxima, sums, targets = every[:, 0], every[:, 1], every[:, 2]
         global_max = maxima.max(axis=0)
         total = np.sum(sums * np.exp(maxima - global_max), axis=0)
-        loss = float(np.mean(global_max + np.log(total) - targets.sum(axis=0)))
-        return np.exp(row_max_local - global_max) / total, loss
+        rows = max(int(np.count_nonzero(labelled)), 1)
+        row_loss = global_max + np.log(total) - targets.sum(axis=0)
+        loss = float(np.sum(row_loss[labelled]) / rows)
+        return np.where(labelled, np.exp(row_max_local - global_max) / total, 0.0), loss, rows
 
     @staticmethod
     def _finite_max(row_max):
@@ -297,11 +306,12 @@ class PartialFC:
         has_target = target_col >= 0
         target_logit = np.zeros(batch)
         target_logit[r] = self.scale * psi
-        factor, loss = self._softmax_stats(row_max, logits.sum(axis=1, dtype=np.float64), target_logit, has_target)
+        factor, loss, rows = self._softmax_stats(row_max, logits.sum(axis=1, dtype=np.float64), target_logit,
+                                                 has_target, self._labelled)
         clock.tick("softmax_sync")
-        # d loss / d cos = s/B * (p - onehot), times psi' on the target entries
-        logits *= (factor * (self.scale / batch)).astype(np.float32)[:, None]
-        logits[r, c] -= np.float32(self.scale / batch)
+        # d loss / d cos = s/B * (p - onehot) (B: labelled rows; ignored rows have factor 0), times psi' on targets
+        logits *= (factor * (self.scale / rows)).astype(np.float32)[:, None]
+        logits[r, c] -= np.float32(self.scale / rows)
         logits[r, c] *= dpsi.astype(np.float32)
         grad_cos = logits
         clock.tick("softmax")
@@ -333,10 +343,11 @@ class PartialFC:
         target_logit = self.scale * psi
         row_max = self._finite_max(mx.nd.max(z, axis=1).asnumpy().astype(np.float64))
         e = mx.nd.exp(mx.nd.broadcast_sub(z, mx.nd.array(row_max, ctx=ctx).expand_dims(1)))
-        factor, loss = self._softmax_stats(row_max, mx.nd.sum(e, axis=1).asnumpy(), target_logit, has_target)
-        p = mx.nd.broadcast_mul(e, mx.nd.array((factor * (self.scale / batch)).astype(np.float32),
+        factor, loss, rows = self._softmax_stats(row_max, mx.nd.sum(e, axis=1).asnumpy(), target_logit, has_target,
+                                                 self._labelled)
+        p = mx.nd.broadcast_mul(e, mx.nd.array((factor * (self.scale / rows)).astype(np.float32),
                                                ctx=ctx).expand_dims(1))
-        grad_cos = p - onehot * (self.scale / batch)
+        grad_cos = p - onehot * (self.scale / rows)
         chain = mx.nd.array(dpsi.astype(np.float32) - 1.0, ctx=ctx).expand_dims(1)
         grad_cos = grad_cos * (1 + mx.nd.broadcast_mul(onehot, chain))
         grad_xn = mx.nd.dot(grad_cos, wn).asnumpy()

@@ -23,6 +23,7 @@ import mxnet as mx
 from recognition import checkpoint_io, dist
 from recognition.heads import PartialFCHead
 from recognition.lr_scheduler import build_schedule
+from recognition.partial_fc import IGNORE_LABEL
 from recognition.progress import ProgressLogger
 
 log = logging.getLogger("recognition.train")
@@ -161,7 +162,11 @@ class Trainer:
         self.module._optimizer.set_learning_rate(lr)
         self.module.forward(mx.io.DataBatch(data=[batch.data]), is_train=True)
         embeddings = self.module.get_outputs()[0]
-        loss, grad = self.head.forward_backward(embeddings, batch.label)
+        labels = batch.label
+        if batch.pad:                    # padding rows (the epoch's end) are left out of the loss
+            labels = labels.copy()
+            labels[labels.size - batch.pad:] = IGNORE_LABEL
+        loss, grad = self.head.forward_backward(embeddings, labels)
         self.module.backward(out_grads=[grad])
         self.module.update()
         self.head.update(lr)

@@ -178,3 +178,30 @@ def test_activation_choices_are_the_backbones():
     assert config_module.ACTIVATIONS == ACT_TYPES
     with pytest.raises(SystemExit):
         config_from_args(["--dataset", "bench_1m", "--act-type", "swish"])
+
+
+def _horovodrun_option_strings():
+    """The option strings of horovodrun's own parser (built by horovod.runner.launch.parse_args)."""
+    import argparse
+    from unittest import mock
+    from horovod.runner import launch
+    seen = {}
+
+    def capture(parser, *args, **kwargs):
+        seen["parser"] = parser
+        raise SystemExit(0)
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", capture), pytest.raises(SystemExit):
+        launch.parse_args()
+    return [o for action in seen["parser"]._actions for o in action.option_strings]
+
+
+def test_train_flags_survive_horovodruns_parser():
+    """Python's argparse reads every '--x' on horovodrun's command line, also after the training command, and
+    rejects one that abbreviates two of its own options. Only --network does; --backbone stands in for it."""
+    horovod_options = _horovodrun_option_strings()
+    ours = [o for action in config_module.build_arg_parser()._actions for o in action.option_strings]
+    ambiguous = sorted(o for o in ours if o not in horovod_options
+                       and sum(h.startswith(o) for h in horovod_options) > 1)
+    assert ambiguous == ["--network"]
+    cfg = config_from_args(["--dataset", "bench_1m", "--backbone", "r18"])
+    assert cfg.network == "r18"

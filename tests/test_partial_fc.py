@@ -87,6 +87,54 @@ def test_matches_dense_reference(world_size):
             np.testing.assert_array_equal(p["m1"][rest], p["m0"][rest])
 
 
+IGNORED_ROWS = [2, 9, 15]     # rows labelled IGNORE_LABEL (padding): on both ranks of a 2-rank batch
+
+
+def ignored_rows_body(cases):
+    import mxnet as mx
+    import horovod.mxnet as hvd
+    from recognition.partial_fc import IGNORE_LABEL, PartialFC
+    rank = hvd.rank()
+    x, y = global_batch(hvd.size(), seed=1)
+    y[IGNORED_ROWS] = IGNORE_LABEL
+    own = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    out = []
+    for ratio, kernels in cases:
+        pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=ratio, margins=ARC, kernels=kernels, seed=0)
+        loss, grad = pfc.forward_backward(mx.nd.array(x[own]), mx.nd.array(y[own], dtype="int64"))
+        index = np.asarray(pfc.sampled_index).copy()
+        out.append(dict(loss=loss, grad=grad.asnumpy(), class_start=pfc.class_start, index=index,
+                        dw=pfc.sampled_weight_grad()))
+        pfc.update(0.1)
+        everything_ignored = np.full(LOCAL_BATCH, IGNORE_LABEL, dtype=np.int64)
+        loss, grad = pfc.forward_backward(mx.nd.array(x[own]), mx.nd.array(everything_ignored, dtype="int64"))
+        out[-1].update(empty_loss=loss, empty_grad=grad.asnumpy(), empty_dw=pfc.sampled_weight_grad())
+    return out
+
+
+def test_ignored_rows_take_no_part_in_loss_or_gradients():
+    """Padding rows (label -1) are left out: the result equals the reference on the labelled rows alone."""
+    from recognition.memory_bank import init_rows
+    cases = [(1.0, "numpy"), (0.1, "numpy"), (0.1, "ndarray")]
+    results = run_ranks(ignored_rows_body, np=2, timeout=180, kwargs={"cases": cases})
+    x, y = global_batch(2, seed=1)
+    labelled = np.setdiff1d(np.arange(y.size), IGNORED_ROWS)
+    w_full = init_rows(np.arange(NUM_CLASSES), DIM, seed=0)
+    for k, (ratio, kernels) in enumerate(cases):
+        per_rank = [results[r][k] for r in range(2)]
+        classes = np.concatenate([p["class_start"] + p["index"] for p in per_rank])
+        ref_loss, ref_dx, ref_dw, _ = dense_reference(x[labelled], y[labelled], w_full, classes, ARC, 64.0)
+        assert per_rank[0]["loss"] == per_rank[1]["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        dx = np.concatenate([p["grad"] for p in per_rank])
+        assert not np.any(dx[IGNORED_ROWS])
+        np.testing.assert_allclose(dx[labelled], ref_dx, rtol=1e-5, atol=1e-5 * np.abs(ref_dx).max())
+        dw = np.concatenate([p["dw"] for p in per_rank])
+        np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-5 * np.abs(ref_dw).max())
+        for p in per_rank:     # a batch of padding only: nothing to learn
+            assert p["empty_loss"] == 0.0
+            assert not np.any(p["empty_grad"]) and not np.any(p["empty_dw"])
+
+
 def bad_input_body():
     import mxnet as mx
     import horovod.mxnet as hvd

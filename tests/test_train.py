@@ -157,6 +157,34 @@ def test_legacy_export_gives_the_trainers_embeddings(tmp_path):
     np.testing.assert_allclose(legacy.get_outputs()[0].asnumpy(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_padding_rows_are_left_out_of_the_loss(tmp_path):
+    """Rows a reader flags as padding reach the head labelled IGNORE_LABEL and send back no gradient."""
+    import horovod.mxnet as hvd
+    hvd.init()
+    _patch_backbone()
+    from recognition.config import config_from_args
+    from recognition.dataset import Batch
+    from recognition.partial_fc import IGNORE_LABEL
+    from recognition.trainer import Trainer
+    trainer = Trainer(config_from_args(_argv(tmp_path / "run", "--max-steps", "3")))
+    seen = []
+    real_forward_backward = trainer.head.forward_backward
+
+    def spy(embeddings, labels):
+        loss, grad = real_forward_backward(embeddings, labels)
+        seen.append((np.array(labels), grad.asnumpy()))
+        return loss, grad
+    trainer.head.forward_backward = spy
+    batch = next(iter(trainer.reader.epoch(0)))
+    labels = batch.label.copy()
+    loss = trainer.train_step(Batch(batch.data, batch.label, 2))
+    np.testing.assert_array_equal(batch.label, labels)                    # the reader's batch is not modified
+    sent, grad = seen[0]
+    np.testing.assert_array_equal(sent, np.concatenate([labels[:-2], [IGNORE_LABEL] * 2]))
+    assert not np.any(grad[-2:]) and np.all(np.abs(grad[:-2]).sum(axis=1) > 0)
+    assert np.isfinite(loss) and loss > 0
+
+
 @pytest.fixture(scope="module")
 def tiny_faces(tmp_path_factory):
     """A small packed synthetic-identities set with its holdout.bin (tools/make_synthetic.py)."""

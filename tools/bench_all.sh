@@ -3,19 +3,24 @@
 # output goes to $BENCH_OUT (default bench_output/); the JSON line each benchmark ends with is collected in
 # $BENCH_OUT/summary.jsonl. BENCH_10M=1 adds the out-of-core 10M-class runs (disk bank, sparse files under
 # $BENCH_DISK_DIR, default /var/tmp/pfcbank; ratio 0.1 takes about 30 minutes).
+# BENCH_ONLY=REGEX runs only the benchmarks whose name matches (e.g. BENCH_ONLY='^train').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${BENCH_OUT:-bench_output}
 mkdir -p "$OUT"
-: > "$OUT/summary.jsonl"
+[ -n "${BENCH_ONLY:-}" ] || : > "$OUT/summary.jsonl"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MXNET_CPU_WORKER_NTHREADS=1 OPENBLAS_NUM_THREADS=1
 HVD="horovodrun -np 2 -H localhost:2 --gloo"
 
 run() {   # run NAME COMMAND...: log to $OUT/NAME.log, keep its JSON lines
     local name=$1; shift
+    if [ -n "${BENCH_ONLY:-}" ] && ! [[ $name =~ $BENCH_ONLY ]]; then return 0; fi
     echo "bench: $name: $*"
     # horovodrun prefixes rank output with "[R]<stdout>:"
-    "$@" 2>&1 | sed -u 's/^\[[0-9]*\]<std[a-z]*>://' | tee "$OUT/$name.log" | grep -E '^step|^\{' | tail -n 3
+    if ! "$@" 2>&1 | sed -u 's/^\[[0-9]*\]<std[a-z]*>://' > "$OUT/$name.log"; then
+        tail -n 20 "$OUT/$name.log"; echo "bench: $name FAILED (log: $OUT/$name.log)"; exit 1
+    fi
+    grep -E '^step|^\{' "$OUT/$name.log" | tail -n 3 | cut -c1-300
     grep -E '^\{' "$OUT/$name.log" | python -c "import json, sys
 for line in sys.stdin:
     print(json.dumps(dict(bench='$name', **json.loads(line))))" >> "$OUT/summary.jsonl"
@@ -26,9 +31,9 @@ run pfc_1m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sampl
 run pfc_1m_r1.0 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 1.0 --steps 10
 run pfc_4m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 4000000 --sample-ratio 0.1 --steps 10
 run data_reader python tools/benchmark_data.py --images 8192 --epochs 2
-run train_mbf $HVD python tools/benchmark_train.py --network mbf --act-type prelu_conv --batch-size 64 \
+run train_mbf $HVD python tools/benchmark_train.py --backbone mbf --act-type prelu_conv --batch-size 64 \
     --num-classes 1000000 --sample-ratio 0.1 --steps 5
-run train_r50 $HVD python tools/benchmark_train.py --network r50 --act-type prelu_conv --batch-size 64 \
+run train_r50 $HVD python tools/benchmark_train.py --backbone r50 --act-type prelu_conv --batch-size 64 \
     --num-classes 1000000 --sample-ratio 0.1 --steps 2 --warmup 1
 run backbones python tools/count_flops.py --throughput mbf r18 --act-type prelu_conv --batch-size 32 --iters 3
 if [ "${BENCH_10M:-0}" = 1 ]; then

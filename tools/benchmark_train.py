@@ -1,6 +1,6 @@
 """Full training-step throughput (backbone + Partial FC head + Horovod) on the synthetic reader.
 
-    horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_train.py --network mbf --batch-size 64 --steps 10
+    horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_train.py --backbone mbf --batch-size 64 --steps 10
 
 Prints one line per step on rank 0 and finally one JSON object: samples_per_sec (global, median step),
 ms_per_step, and the head's share of the step.
@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--network", default="mbf")
+    p.add_argument("--backbone", "--network", dest="network", default="mbf",
+                   help="mbf, r18, r34, r50, r100, r200 (--network is rejected after horovodrun)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=1000000)
     p.add_argument("--sample-ratio", type=float, default=0.1)
