@@ -12,7 +12,7 @@ the distance is below a threshold). Reported per set:
                 1e-3 on the 9 training folds is interpolated linearly between the last threshold whose FAR is
                 <= 1e-3 and the next one, and the true-accept rate is measured at it on the held-out fold
     auc         ROC AUC over all pairs (score = -distance)
-    xnorm       mean L2 norm of the flip-summed embeddings before normalisation
+    xnorm       mean L2 norm of the single-view embeddings (each image and its flip) before summing, as InsightFace
 """
 import argparse
 import json

@@ -154,22 +154,32 @@ class Trainer:
             self.verify(progress)
         return loss
 
-    def train_step(self, batch):
-        """One step on the current batch; returns the global mean loss."""
+    def train_step(self, batch, phase_times=None):
+        """One step on the current batch; returns the global mean loss.
+
+        ``phase_times`` (a dict, for benchmarks): wait for MXNet's asynchronous engine at each phase boundary
+        and add the seconds of backbone_forward, head, backbone_backward (with the Horovod allreduce and SGD)
+        and head_update to it. Without the waits, the head's first blocking read would absorb the backbone.
+        """
+        clock = _PhaseClock(phase_times)
         lr = self.schedule(self.step)
         # dropout masks (the only randomness in the graph) are a function of (seed, rank, step)
         mx.random.seed(_mix(self.cfg.seed, self.rank, self.step))
         self.module._optimizer.set_learning_rate(lr)
         self.module.forward(mx.io.DataBatch(data=[batch.data]), is_train=True)
         embeddings = self.module.get_outputs()[0]
+        clock.tick("backbone_forward", embeddings)
         labels = batch.label
         if batch.pad:                    # padding rows (the epoch's end) are left out of the loss
             labels = labels.copy()
             labels[labels.size - batch.pad:] = IGNORE_LABEL
         loss, grad = self.head.forward_backward(embeddings, labels)
+        clock.tick("head", grad)
         self.module.backward(out_grads=[grad])
         self.module.update()
+        clock.tick("backbone_backward", None)
         self.head.update(lr)
+        clock.tick("head_update", None)
         return loss
 
     # ------------------------------------------------------------------------------------ verification
@@ -272,6 +282,24 @@ class Trainer:
             log.info("resumed from %s (step %d, written by %d rank(s), now %d)", folder, self.step,
                      state["world_size"], self.size)
         return True
+
+
+class _PhaseClock:
+    """Adds wall time per phase to a dict after waiting for the phase's result; does nothing without a dict."""
+
+    def __init__(self, totals):
+        self.totals, self.last = totals, time.perf_counter()
+
+    def tick(self, phase, result):
+        if self.totals is None:
+            return
+        if result is None:
+            mx.nd.waitall()
+        else:
+            result.wait_to_read()
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.last = now
 
 
 def _mix(*values):

@@ -32,7 +32,7 @@ run pfc_1m_r1.0 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sampl
 run pfc_4m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 4000000 --sample-ratio 0.1 --steps 10
 run data_reader python tools/benchmark_data.py --images 8192 --epochs 2
 run train_mbf $HVD python tools/benchmark_train.py --backbone mbf --act-type prelu_conv --batch-size 64 \
-    --num-classes 1000000 --sample-ratio 0.1 --steps 5
+    --num-classes 1000000 --sample-ratio 0.1 --steps 4 --warmup 1
 run train_r50 $HVD python tools/benchmark_train.py --backbone r50 --act-type prelu_conv --batch-size 64 \
     --num-classes 1000000 --sample-ratio 0.1 --steps 2 --warmup 1
 run backbones python tools/count_flops.py --throughput mbf r18 --act-type prelu_conv --batch-size 32 --iters 3
