@@ -16,6 +16,7 @@ from easydict import EasyDict as edict
 
 from recognition import configs
 
+LOSS_SCALES = ("auto", "dynamic", "none")
 ACTIVATIONS = ("prelu", "prelu_conv", "relu")   # symbols.common.ACT_TYPES
 NETWORKS = ("r18", "r34", "r50", "r100", "r200", "mbf")
 LOSSES = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "combined": (1.0, 0.3, 0.2)}
@@ -79,6 +80,7 @@ def build_arg_parser():
     add("--act-type", choices=ACTIVATIONS, help="backbone activation: prelu (InsightFace's LeakyReLU op), "
         "prelu_conv (the same function and parameters, 1.6-4x faster to train on a CPU), relu")
     add("--fp16", action=argparse.BooleanOptionalAction, default=None, help="float16 trunk (GPU)")
+    add("--loss-scale", choices=LOSS_SCALES, help="auto: dynamic loss scaling when --fp16, none otherwise")
     add("--ctx", choices=CONTEXTS, help="cpu, or gpu (one GPU per rank: mx.gpu(local_rank))")
     add("--models-root", help="outputs go to MODELS_ROOT/<dataset>_<network>_<loss>")
     add("--output", help="exact output folder (overrides the --models-root naming)")
@@ -100,7 +102,7 @@ def build_arg_parser():
 _DIRECT = ("network", "loss", "scale", "sample_ratio", "interclass_filter", "bank_location", "bank_dir",
            "batch_size", "lr", "num_epochs", "max_steps", "lr_mode", "warmup_epochs", "embedding_size", "dropout",
            "fp16", "ctx", "models_root", "output", "data_dir", "val_dir", "resume", "seed", "frequent", "verbose",
-           "checkpoint_every", "preprocess_threads", "act_type")
+           "checkpoint_every", "preprocess_threads", "act_type", "loss_scale")
 
 
 def _numbers(flag, text, count=None):
@@ -161,6 +163,7 @@ def finalize(cfg):
     _check_choice(cfg, "bank_location", BANK_LOCATIONS)
     _check_choice(cfg, "ctx", CONTEXTS)
     _check_choice(cfg, "act_type", ACTIVATIONS)
+    _check_choice(cfg, "loss_scale", LOSS_SCALES)
     cfg.margins = tuple(float(m) for m in (LOSSES[cfg.loss] if cfg.margins is None else cfg.margins))
     if len(cfg.margins) != 3 or cfg.margins[0] <= 0:
         raise ValueError("margins must be (m1, m2, m3) with m1 > 0, got %r" % (cfg.margins,))

@@ -22,6 +22,7 @@ import mxnet as mx
 
 from recognition import checkpoint_io, dist
 from recognition.heads import PartialFCHead
+from recognition.loss_scale import DynamicLossScaler
 from recognition.lr_scheduler import build_schedule
 from recognition.partial_fc import IGNORE_LABEL
 from recognition.progress import ProgressLogger
@@ -108,9 +109,14 @@ class Trainer:
         # backbone gradient is the SUM of the ranks' gradients; Horovod averages, hence rescale_grad = size.
         opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.momentum, wd=cfg.weight_decay,
                                rescale_grad=float(self.size), multi_precision=bool(cfg.fp16))
+        inner = opt
         if self.size > 1:
             import horovod.mxnet as hvd
             opt = hvd.DistributedOptimizer(opt)
+        # float16: dynamic loss scaling; the scale is divided out through the optimizer's rescale_grad
+        self._sgd, self._rescale_grad = inner, inner.rescale_grad
+        use_scaler = cfg.loss_scale == "dynamic" or (cfg.loss_scale == "auto" and cfg.fp16)
+        self.scaler = DynamicLossScaler() if use_scaler else None
         with warnings.catch_warnings():   # MXNet expects rescale_grad = 1/batch; ours is deliberate (above)
             warnings.filterwarnings("ignore", message="Optimizer created manually")
             module.init_optimizer(kvstore=None, optimizer=opt)
@@ -175,8 +181,19 @@ class Trainer:
             labels[labels.size - batch.pad:] = IGNORE_LABEL
         loss, grad = self.head.forward_backward(embeddings, labels)
         clock.tick("head", grad)
-        self.module.backward(out_grads=[grad])
-        self.module.update()
+        if self.scaler is None:
+            self.module.backward(out_grads=[grad])
+            self.module.update()
+        else:
+            scale = self.scaler.scale
+            self.module.backward(out_grads=[grad * scale])
+            grads = [g for per_device in self.module._exec_group.grad_arrays for g in per_device]
+            if not self.scaler.update(self.scaler.gradients_overflowed(grads)):
+                self._sgd.rescale_grad = self._rescale_grad / scale
+                self.module.update()
+            else:
+                log.warning("rank %d: step %d: float16 gradient overflow, backbone update skipped, loss scale "
+                            "now %g", self.rank, self.step + 1, self.scaler.scale)
         clock.tick("backbone_backward", None)
         self.head.update(lr)
         clock.tick("head_update", None)
@@ -233,6 +250,7 @@ class Trainer:
             state = {"step": self.step, "world_size": self.size, "num_classes": self.cfg.num_classes,
                      "embedding_size": self.cfg.embedding_size, "network": self.cfg.network,
                      "seed": self.cfg.seed, "schedule": self.schedule.state_dict(), "best": self.best,
+                     "loss_scale": self.scaler.state_dict() if self.scaler else None,
                      "time": time.time()}
             checkpoint_io.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
         dist.barrier("ckpt.written")
@@ -277,6 +295,8 @@ class Trainer:
             self.module._updater.set_states(f.read())
         self.head.load(folder)
         self.step = int(state["step"])
+        if self.scaler is not None and state.get("loss_scale"):
+            self.scaler.load_state_dict(state["loss_scale"])
         self.best = state.get("best")
         if self.rank == 0:
             log.info("resumed from %s (step %d, written by %d rank(s), now %d)", folder, self.step,

@@ -9,6 +9,7 @@ config.embedding_size = 512         # size of the embedding output fc1 (E)
 config.dropout = 0.0                # dropout rate before the embedding FC
 config.act_type = "prelu"           # prelu | prelu_conv (same parameters, faster on CPU) | relu
 config.fp16 = False                 # float16 trunk (GPU); the head and master weights stay float32
+config.loss_scale = "auto"          # auto (dynamic when fp16) | dynamic | none: float16 gradient loss scaling
 # --- head (Partial FC)
 config.loss = "arcface"             # arcface | cosface | combined; picks the margins below unless they are given
 config.margins = None               # (m1, m2, m3) of s * (cos(m1 * theta + m2) - m3); None: from `loss`
