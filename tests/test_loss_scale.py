@@ -43,11 +43,18 @@ def test_an_overflow_on_one_rank_is_seen_by_every_rank():
     assert run_ranks(overflow_body, np=2, timeout=120) == [(False, True), (False, True)]
 
 
+@pytest.fixture(autouse=True)
+def tiny_backbone(monkeypatch):
+    """The tiny test backbone in place of symbols.get_symbol, restored afterwards (other tests need the real one)."""
+    import symbols
+    from tests.test_train import tiny_symbol
+    monkeypatch.setattr(symbols, "get_symbol", tiny_symbol)
+
+
 def _trainer(tmp_path, *flags):
     import horovod.mxnet as hvd
     hvd.init()
-    from tests.test_train import _argv, _patch_backbone
-    _patch_backbone()
+    from tests.test_train import _argv
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     return Trainer(config_from_args(_argv(tmp_path, "--max-steps", "3", *flags)))
