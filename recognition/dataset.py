@@ -135,12 +135,14 @@ class RecordReader:
             raise ValueError("%s is not an images-only file of this project (record 0 has flag %d and a %d-byte "
                              "payload; expected flag 4 and an image): make one with: python tools/convert_rec.py "
                              "PREFIX, or tools/pack_rec.py" % (self.rec_path, flag, len(payload)))
-        try:                                   # a size mismatch would leave every batch padding: stop here
+        # A size mismatch would leave every batch padding: stop here. (An undecodable record 0 raises a plain
+        # ValueError, let through: it is skipped and counted later like any damaged record.)
+        try:
             rec_format.decode_image(payload, self.image_size)
         except rec_format.WrongImageSize as err:
             raise ValueError("%s record 0: %s: pass image_size as in the property file" % (self.rec_path, err))
         except ValueError:
-            pass                               # an undecodable image is skipped like any damaged record
+            return
 
     def _check_shard(self, offsets):
         """(offsets, good mask) of this rank's records after checking every one without decoding it; a class id

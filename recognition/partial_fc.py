@@ -106,7 +106,6 @@ class PartialFC:
         self.step = 0            # forward_backward calls so far: keys the sampler's random stream
         self._index = None       # local rows sampled in the last step (None: all rows)
         self._pending = None     # what update() needs from the last forward_backward
-        self._labelled = None    # which global rows of the last step have a label (not IGNORE_LABEL)
         self._workspace = Workspace()
         self.timings = defaultdict(float)   # seconds per phase, accumulated (benchmarks and logs read it)
 
@@ -137,7 +136,6 @@ class PartialFC:
         row is ignored) and d(loss)/d(local_embeddings) (NDArray on ctx; zero on ignored rows)."""
         clock = _Clock(self.timings)
         x_local, x, y = self._gather_inputs(local_embeddings, local_labels)
-        self._labelled = y != IGNORE_LABEL
         xn, x_inv = l2_normalize_rows(x)
         clock.tick("gather")
         index, target_col = self.sampler.sample(y, self.step)
@@ -146,7 +144,7 @@ class PartialFC:
         unit, inv_norm = self.bank.pull(index)
         clock.tick("bank_pull")
         head = self._head_numpy if self.kernels == "numpy" else self._head_ndarray
-        loss, grad_xn = head(xn, unit, inv_norm, target_col, clock)
+        loss, grad_xn = head(xn, unit, inv_norm, target_col, y != IGNORE_LABEL, clock)
         b = x_local.shape[0]
         own = slice(self.rank * b, (self.rank + 1) * b)
         grad_xn_local = dist.reducescatter_sum(grad_xn, name="pfc.embedding_grad")
@@ -278,7 +276,7 @@ class PartialFC:
         return np.where(np.isfinite(row_max), row_max, 0.0).astype(np.float32)
 
     # ------------------------------------------------------------------------------------ NumPy kernels
-    def _head_numpy(self, xn, wn, w_inv, target_col, clock):
+    def _head_numpy(self, xn, wn, w_inv, target_col, labelled, clock):
         batch, k = xn.shape[0], wn.shape[0]
         logits = self._workspace.get("logits", (batch, k))
         out_nd = mx.nd.from_numpy(logits.view(), zero_copy=True)
@@ -307,7 +305,7 @@ class PartialFC:
         target_logit = np.zeros(batch)
         target_logit[r] = self.scale * psi
         factor, loss, rows = self._softmax_stats(row_max, logits.sum(axis=1, dtype=np.float64), target_logit,
-                                                 has_target, self._labelled)
+                                                 has_target, labelled)
         clock.tick("softmax_sync")
         # d loss / d cos = s/B * (p - onehot) (B: labelled rows; ignored rows have factor 0), times psi' on targets
         logits *= (factor * (self.scale / rows)).astype(np.float32)[:, None]
@@ -321,11 +319,11 @@ class PartialFC:
         return loss, grad_xn
 
     # ---------------------------------------------------------------------------------- NDArray kernels
-    def _head_ndarray(self, xn, unit, inv_norm, target_col, clock):
+    def _head_ndarray(self, xn, unit, inv_norm, target_col, labelled, clock):
         ctx = self.ctx
         wn = unit if isinstance(unit, mx.nd.NDArray) else mx.nd.array(unit, ctx=ctx)  # host bank: copy in
         xn_nd = mx.nd.array(xn, ctx=ctx)
-        batch, k = xn.shape[0], wn.shape[0]
+        k = wn.shape[0]
         cos = mx.nd.FullyConnected(xn_nd, wn, no_bias=True, num_hidden=k)
         has_target = target_col >= 0
         col = mx.nd.array(np.where(has_target, target_col, 0), ctx=ctx, dtype="int64")
@@ -344,7 +342,7 @@ class PartialFC:
         row_max = self._finite_max(mx.nd.max(z, axis=1).asnumpy().astype(np.float64))
         e = mx.nd.exp(mx.nd.broadcast_sub(z, mx.nd.array(row_max, ctx=ctx).expand_dims(1)))
         factor, loss, rows = self._softmax_stats(row_max, mx.nd.sum(e, axis=1).asnumpy(), target_logit, has_target,
-                                                 self._labelled)
+                                                 labelled)
         p = mx.nd.broadcast_mul(e, mx.nd.array((factor * (self.scale / rows)).astype(np.float32),
                                                ctx=ctx).expand_dims(1))
         grad_cos = p - onehot * (self.scale / rows)

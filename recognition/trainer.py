@@ -109,12 +109,11 @@ class Trainer:
         # backbone gradient is the SUM of the ranks' gradients; Horovod averages, hence rescale_grad = size.
         opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.momentum, wd=cfg.weight_decay,
                                rescale_grad=float(self.size), multi_precision=bool(cfg.fp16))
-        inner = opt
+        self._sgd = opt                  # the loss scale is divided out through its rescale_grad
         if self.size > 1:
             import horovod.mxnet as hvd
             opt = hvd.DistributedOptimizer(opt)
-        # float16: dynamic loss scaling; the scale is divided out through the optimizer's rescale_grad
-        self._sgd, self._rescale_grad = inner, inner.rescale_grad
+        self._rescale_grad = self._sgd.rescale_grad      # read after Horovod, which may adjust it
         use_scaler = cfg.loss_scale == "dynamic" or (cfg.loss_scale == "auto" and cfg.fp16)
         self.scaler = DynamicLossScaler() if use_scaler else None
         with warnings.catch_warnings():   # MXNet expects rescale_grad = 1/batch; ours is deliberate (above)
