@@ -21,7 +21,8 @@ import numpy as np
 import mxnet as mx
 
 from recognition import checkpoint_io, dist
-from recognition.heads import PartialFCHead
+from recognition.data import build_reader
+from recognition.partial_fc import PartialFCHead
 from recognition.loss_scale import DynamicLossScaler
 from recognition.lr_scheduler import build_schedule
 from recognition.partial_fc import IGNORE_LABEL
@@ -31,23 +32,6 @@ log = logging.getLogger("recognition.train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
-
-
-def build_reader(cfg, rank, size):
-    """The training data reader named by ``cfg.reader``: RecordIO files or synthetic images."""
-    from recognition import dataset
-    if cfg.reader == "synthetic":
-        return dataset.SyntheticReader(cfg.batch_size, cfg.num_classes, steps_per_epoch=cfg.synthetic_steps,
-                                       rank=rank, num_ranks=size, seed=cfg.seed)
-    if not cfg.data_dir:
-        raise ValueError("dataset %r needs its data folder: pass --data-dir DIR or set PFC_DATA_ROOT" % cfg.dataset)
-    found = dataset.open_record_set(cfg.data_dir, prefix=cfg.rec_prefix)
-    if cfg.num_classes is not None and found["num_classes"] != cfg.num_classes:
-        log.warning("%s: property says %d classes, the preset %d; using the file's", cfg.data_dir,
-                    found["num_classes"], cfg.num_classes)
-    cfg.num_classes = found["num_classes"]
-    return dataset.RecordReader(found["rec"], cfg.batch_size, cfg.num_classes, rank=rank, num_ranks=size,
-                                seed=cfg.seed, preprocess_threads=cfg.preprocess_threads)
 
 
 class StopRequest:

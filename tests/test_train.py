@@ -163,7 +163,7 @@ def test_padding_rows_are_left_out_of_the_loss(tmp_path):
     hvd.init()
     _patch_backbone()
     from recognition.config import config_from_args
-    from recognition.dataset import Batch
+    from recognition.data.record_reader import Batch
     from recognition.partial_fc import IGNORE_LABEL
     from recognition.trainer import Trainer
     trainer = Trainer(config_from_args(_argv(tmp_path / "run", "--max-steps", "3")))

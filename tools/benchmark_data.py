@@ -29,7 +29,7 @@ def python_loop(rec_path, limit=None):
     """(images, seconds) of a single-threaded decode of the records of an images-only file, in file order."""
     import cv2
     import mxnet as mx
-    from recognition import rec_format
+    from recognition.data import rec_format
     reader = mx.recordio.MXIndexedRecordIO(rec_format.index_path(rec_path), rec_path, "r")
     keys = sorted(reader.keys)[:limit]
     start = time.perf_counter()
@@ -45,7 +45,7 @@ def python_loop(rec_path, limit=None):
 
 def reader_worker(rec_path, num_classes, rank, num_ranks, batch_size, threads, epochs):
     """Time ``epochs`` epochs of RecordReader as rank ``rank`` of ``num_ranks``; returns a dict."""
-    from recognition.dataset import RecordReader
+    from recognition.data.record_reader import RecordReader
     start = time.perf_counter()
     reader = RecordReader(rec_path, batch_size, num_classes, rank=rank, num_ranks=num_ranks,
                           preprocess_threads=threads)
@@ -79,7 +79,7 @@ def run_ranks(args, rec_path, num_classes, num_ranks):
 
 def make_data(folder, images, content):
     """A training set of ``images`` 112x112 JPEGs in ``folder``; returns its open_record_set dict."""
-    from recognition import dataset, rec_format
+    from recognition.data import rec_format, record_reader
     if content == "faces":
         from tools.make_synthetic import make_dataset
         make_dataset(folder, identities=max(1, images // 16), images=16, holdout=0, progress=False)
@@ -89,7 +89,7 @@ def make_data(folder, images, content):
             for i in range(images):
                 pixels = rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)
                 writer.add(int(rng.integers(1000)), rec_format.encode_image(pixels, "jpg", 95))
-    return dataset.open_record_set(folder)
+    return record_reader.open_record_set(folder)
 
 
 def main(argv=None):
@@ -128,9 +128,9 @@ def main(argv=None):
 
 
 def dataset_info(args, tmp):
-    from recognition import dataset
+    from recognition.data import record_reader
     if args.data_dir:
-        return dataset.open_record_set(args.data_dir)
+        return record_reader.open_record_set(args.data_dir)
     return make_data(tmp, args.images, args.content)
 
 

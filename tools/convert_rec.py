@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition import rec_format  # noqa: E402
+from recognition.data import rec_format  # noqa: E402
 from tools.pack_rec import ordered_map, parse_size  # noqa: E402
 
 log = logging.getLogger("convert_rec")

@@ -5,7 +5,7 @@
 Identity folders, sorted by name, get class ids 0 .. C-1; a folder's images are taken sorted by name. By default
 BOTH layouts are written, plus ``property`` ("C,H,W") beside them:
     OUT_PREFIX.rec/.idx            InsightFace's layout (header, images, identity records): for InsightFace tools
-    OUT_PREFIX_iter.rec/.idx       the images-only layout mx.io.ImageRecordIter (recognition/dataset.py) reads
+    OUT_PREFIX_iter.rec/.idx       the images-only layout mx.io.ImageRecordIter (recognition/data/record_reader.py) reads
 Images are decoded in parallel processes; one that does not decode is skipped, counted and named in the log.
 An image of another size is resized to --image-size. A JPEG of the right size is stored as it is (no second
 compression); other images are encoded as --encoding (png: lossless).
@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition import rec_format  # noqa: E402
+from recognition.data import rec_format  # noqa: E402
 
 log = logging.getLogger("pack_rec")
 

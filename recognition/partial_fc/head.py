@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from recognition import dist
-from recognition.partial_fc import PartialFC
+from recognition.partial_fc.operator import PartialFC
 
 _SHARD_PATTERN = "centres_%010d_%010d.%s.npy"
 

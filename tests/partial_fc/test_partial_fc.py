@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from tests.harness import run_ranks
-from tests.pfc_reference import dense_reference
+from tests.partial_fc.pfc_reference import dense_reference
 
 NUM_CLASSES, DIM, LOCAL_BATCH = 1000, 32, 8     # 1000 is not divisible by 3: shards 334/333/333
 ARC, COS = (1.0, 0.5, 0.0), (1.0, 0.0, 0.4)
@@ -31,7 +31,7 @@ def global_batch(world_size, seed=0):
 def exactness_body(cases):
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     rank, size = hvd.rank(), hvd.size()
     x, y = global_batch(size)
     own = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
@@ -51,7 +51,7 @@ def exactness_body(cases):
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_matches_dense_reference(world_size):
-    from recognition.memory_bank import init_rows
+    from recognition.partial_fc.memory_bank import init_rows
     results = run_ranks(exactness_body, np=world_size, timeout=180, kwargs={"cases": CASES})
     x, y = global_batch(world_size)
     w_full = init_rows(np.arange(NUM_CLASSES), DIM, seed=0)
@@ -114,7 +114,7 @@ def ignored_rows_body(cases):
 
 def test_ignored_rows_take_no_part_in_loss_or_gradients():
     """Padding rows (label -1) are left out: the result equals the reference on the labelled rows alone."""
-    from recognition.memory_bank import init_rows
+    from recognition.partial_fc.memory_bank import init_rows
     cases = [(1.0, "numpy"), (0.1, "numpy"), (0.1, "ndarray")]
     results = run_ranks(ignored_rows_body, np=2, timeout=180, kwargs={"cases": cases})
     x, y = global_batch(2, seed=1)
@@ -138,7 +138,7 @@ def test_ignored_rows_take_no_part_in_loss_or_gradients():
 def bad_input_body():
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     rank = hvd.rank()
     pfc = PartialFC(100, 8, sample_ratio=0.5)
     good_x = mx.nd.ones((4, 8))
@@ -179,7 +179,7 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank():
 def test_interclass_filter_removes_exactly_the_negatives_above_the_threshold():
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     hvd.init()
     pfc = PartialFC(6, 4, margins=COS, interclass_filter=0.4, seed=0)
     w = np.eye(6, 4, dtype=np.float32)
@@ -204,7 +204,7 @@ def test_interclass_filter_removes_exactly_the_negatives_above_the_threshold():
 def all_filtered_body():
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     pfc = PartialFC(4, 2, margins=COS, interclass_filter=0.05, seed=0)   # rank 0: classes 0-1, rank 1: 2-3
     pfc.bank.weight[:] = np.array([[1, 0.2], [1, 0.4]] if hvd.rank() == 0 else [[1, 0.6], [1, 0.8]], np.float32)
     x = np.array([[1, 0.1]], np.float32)
@@ -224,7 +224,7 @@ def test_a_rank_whose_logits_are_all_filtered_contributes_nothing():
 def convergence_body(steps):
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     rank, size = hvd.rank(), hvd.size()
     num_classes, dim, batch = 2000, 32, 32
     table = np.random.default_rng(123).standard_normal((num_classes, dim)).astype(np.float32)  # one row per class

@@ -30,10 +30,10 @@ import numpy as np
 import mxnet as mx
 
 from recognition import dist
-from recognition.cpu_kernels import NORM_EPS, Workspace
-from recognition.margin import CombinedMargin
-from recognition.memory_bank import make_bank
-from recognition.sampler import PPRNSampler
+from recognition.partial_fc.cpu_kernels import NORM_EPS, Workspace
+from recognition.partial_fc.margin import CombinedMargin
+from recognition.partial_fc.memory_bank import make_bank
+from recognition.partial_fc.sampler import PPRNSampler
 
 _NEG_INF = np.float32(-np.inf)
 IGNORE_LABEL = -1   # a row with this label is ignored: no loss, zero gradient, samples no centre

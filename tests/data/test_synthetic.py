@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from recognition import dataset
+from recognition.data import record_reader
 from tools import make_synthetic
 
 AUG = make_synthetic.DEFAULT_AUG
@@ -72,9 +72,9 @@ def test_make_dataset_writes_training_set_and_holdout_bin(tmp_path):
     assert summary == {"train_images": 18, "identities": 6, "holdout_identities": 20, "pairs": 200}
     for name in ("train.rec", "train.idx", "train_iter.rec", "train_iter.idx", "property", "holdout.bin"):
         assert os.path.isfile(os.path.join(out, name)), name
-    found = dataset.open_record_set(out)
+    found = record_reader.open_record_set(out)
     assert (found["num_classes"], found["num_images"]) == (6, 18)
-    reader = dataset.RecordReader(found["rec"], 3, 6, shuffle=False, rand_mirror=False)
+    reader = record_reader.RecordReader(found["rec"], 3, 6, shuffle=False, rand_mirror=False)
     labels = np.concatenate([b.label for b in reader.epoch(0)])
     assert labels.tolist() == [c for c in range(6) for _ in range(3)]
     with open(os.path.join(out, "holdout.bin"), "rb") as f:

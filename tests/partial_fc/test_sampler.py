@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from recognition.sampler import PPRNSampler, num_sample_for, uniform_negatives
+from recognition.partial_fc.sampler import PPRNSampler, num_sample_for, uniform_negatives
 
 
 def test_num_sample_rounds_down_and_checks_the_ratio():

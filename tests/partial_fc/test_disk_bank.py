@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from recognition.disk_bank import DiskBank
-from recognition.memory_bank import HostBank
+from recognition.partial_fc.disk_bank import DiskBank
+from recognition.partial_fc.memory_bank import HostBank
 
 
 def test_disk_bank_follows_the_host_bank_step_for_step(tmp_path):

@@ -1,6 +1,6 @@
-"""Training batches: InsightFace RecordIO images through ``mx.io.ImageRecordIter``, or synthetic images.
+"""Training batches of InsightFace RecordIO images through ``mx.io.ImageRecordIter``.
 
-``RecordReader`` reads the images-only file (``train_iter.rec``, see ``recognition.rec_format``): rank r of P
+``RecordReader`` reads the images-only file (``train_iter.rec``, see ``recognition.data.rec_format``): rank r of P
 reads the part ImageRecordIter's indexed splitter gives it (``part_index=r, num_parts=P``: ceil(N / P) records
 a part, the last part the rest), shuffled each epoch, as NCHW float32 RGB 0-255 (normalisation is in the
 symbol). Class ids come back as exact int64 (the file splits them over two float32 labels).
@@ -29,11 +29,11 @@ import cv2
 import numpy as np
 import mxnet as mx
 
-from recognition import rec_format
+from recognition.data import rec_format
 
 log = logging.getLogger("recognition.data")
 
-_MIRROR, _SHUFFLE, _FALLBACK, _POOL = 1, 2, 3, 4      # stream tags of the seeded generators
+_MIRROR, _SHUFFLE, _FALLBACK = 1, 2, 3      # stream tags of the seeded generators (4: synthetic_reader)
 _LOGGED_SKIPS = 10                                    # skipped records logged one by one; later ones summed up
 
 
@@ -43,7 +43,7 @@ class Batch(NamedTuple):
     pad: int                 # the last ``pad`` rows are padding, not images of this epoch
 
 
-def _mix(*values):
+def mix_seed(*values):
     """A 31-bit seed drawn from the integers ``values`` (stable across runs and platforms)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -206,7 +206,7 @@ class RecordReader:
     def _finish(self, data, labels, pad, epoch, step):
         """Random mirror (seeded by seed, epoch, rank, step) and wrap as a Batch."""
         if self.rand_mirror:
-            flip = np.random.default_rng(_mix(self.seed, epoch, self.rank, step, _MIRROR)).random(len(data)) < 0.5
+            flip = np.random.default_rng(mix_seed(self.seed, epoch, self.rank, step, _MIRROR)).random(len(data)) < 0.5
             for row in np.flatnonzero(flip):
                 planes = data[row].reshape(-1, data.shape[-1])     # a view: C*H rows of W pixels
                 cv2.flip(planes, 1, dst=planes)                    # in place, ~8x faster than a NumPy reverse
@@ -216,7 +216,7 @@ class RecordReader:
         return mx.io.ImageRecordIter(
             path_imgrec=self.rec_path, path_imgidx=self.idx_path, data_shape=(3,) + self.image_size,
             batch_size=self.batch_size, label_width=rec_format.ITER_LABEL_WIDTH, shuffle=self.shuffle,
-            seed=_mix(self.seed, epoch), part_index=self.rank, num_parts=self.num_ranks,
+            seed=mix_seed(self.seed, epoch), part_index=self.rank, num_parts=self.num_ranks,
             preprocess_threads=self.preprocess_threads, prefetch_buffer=self.prefetch_buffer, round_batch=True,
             rand_mirror=False, verbose=False)
 
@@ -270,7 +270,7 @@ class RecordReader:
         (indexes into this rank's part) in a seeded order; records that fail are skipped and counted."""
         order = np.asarray(positions, np.int64)
         if self.shuffle:
-            order = np.random.default_rng(_mix(self.seed, epoch, self.rank, tag)).permutation(order)
+            order = np.random.default_rng(mix_seed(self.seed, epoch, self.rank, tag)).permutation(order)
         cursor, last = 0, None
         for _ in range(first_step, self.steps_per_epoch):
             images, classes = [], []
@@ -328,30 +328,3 @@ class RecordReader:
             self._pool.shutdown()
             self._file.close()
             self._pool = None
-
-
-class SyntheticReader:
-    """Random images with uniformly random class ids in [0, num_classes) (up to 10^8 and beyond), for benchmarks:
-    the same interface as RecordReader. Rows are drawn from a fixed pool of random images; images and labels of
-    (epoch, step) are a pure function of (seed, epoch, rank, step)."""
-
-    def __init__(self, batch_size, num_classes, steps_per_epoch=1000, rank=0, num_ranks=1, seed=0,
-                 image_size=(112, 112)):
-        if batch_size < 1 or num_classes < 1 or steps_per_epoch < 1 or not 0 <= rank < num_ranks:
-            raise ValueError("need batch_size, num_classes, steps_per_epoch >= 1 and 0 <= rank < num_ranks")
-        self.batch_size, self.num_classes = int(batch_size), int(num_classes)
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.rank, self.num_ranks, self.seed = int(rank), int(num_ranks), int(seed)
-        self.num_images = self.steps_per_epoch * self.batch_size * self.num_ranks
-        rng = np.random.default_rng(_mix(seed, rank, _POOL))
-        pool_size = self.batch_size + 61      # rows are drawn with replacement: batches differ step to step
-        self._pool = rng.integers(0, 256, (pool_size, 3) + tuple(image_size), dtype=np.uint8).astype(np.float32)
-
-    def epoch(self, epoch, start_step=0):
-        if not 0 <= start_step <= self.steps_per_epoch:
-            raise ValueError("start_step %d outside [0, %d]" % (start_step, self.steps_per_epoch))
-        for step in range(start_step, self.steps_per_epoch):
-            rng = np.random.default_rng(_mix(self.seed, epoch, self.rank, step))
-            rows = rng.integers(0, len(self._pool), self.batch_size)
-            labels = rng.integers(0, self.num_classes, self.batch_size, dtype=np.int64)
-            yield Batch(mx.nd.from_numpy(np.take(self._pool, rows, axis=0), zero_copy=True), labels, 0)

@@ -4,7 +4,7 @@ import mxnet as mx
 import pytest
 
 from recognition.dist import shard_range
-from recognition.memory_bank import DeviceBank, HostBank, init_rows, make_bank
+from recognition.partial_fc.memory_bank import DeviceBank, HostBank, init_rows, make_bank
 
 
 def test_shards_are_contiguous_balanced_and_cover_every_class():

@@ -18,8 +18,8 @@ the same whatever the world size and whichever bank holds them.
 import numpy as np
 import mxnet as mx
 
-from recognition import cpu_kernels
-from recognition.cpu_kernels import NORM_EPS
+from recognition.partial_fc import cpu_kernels
+from recognition.partial_fc.cpu_kernels import NORM_EPS
 
 INIT_STD = 0.01
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -158,7 +158,7 @@ def make_bank(location, ctx, num_local, dim, class_start, seed=0, kernels="numpy
     NumPy arrays for the NumPy kernels (which only run on a CPU context, where the two are the same memory).
     """
     if location == "disk":
-        from recognition.disk_bank import DiskBank
+        from recognition.partial_fc.disk_bank import DiskBank
         return DiskBank(num_local, dim, class_start, seed=seed, directory=disk_dir)
     if location == "host" or (location == "device" and kernels == "numpy"):
         return HostBank(num_local, dim, class_start, seed=seed)

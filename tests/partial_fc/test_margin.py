@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from recognition.margin import CombinedMargin
+from recognition.partial_fc.margin import CombinedMargin
 
 
 def test_arcface_hand_computed():

@@ -1,4 +1,4 @@
-"""RecordReader / SyntheticReader / open_record_set: labels, pixels, sharding, determinism, damaged files."""
+"""RecordReader / open_record_set: labels, pixels, sharding, determinism, damaged files."""
 import logging
 import os
 import struct
@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from recognition import dataset, rec_format
+from recognition.data import rec_format, record_reader
 
 SIZE = (112, 112)
 
@@ -53,7 +53,7 @@ def small_set(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ basics
 def test_reads_every_record_once_with_exact_labels_and_pixels(small_set):
-    reader = dataset.RecordReader(small_set, 5, 69, shuffle=False, rand_mirror=False, last_batch="pad")
+    reader = record_reader.RecordReader(small_set, 5, 69, shuffle=False, rand_mirror=False, last_batch="pad")
     assert reader.uses_record_iter and reader.num_images == 23 and reader.steps_per_epoch == 5
     batches, keys = collect(reader)
     assert len(batches) == 5
@@ -67,7 +67,7 @@ def test_reads_every_record_once_with_exact_labels_and_pixels(small_set):
 
 
 def test_batch_is_cpu_rgb_float_0_255(small_set):
-    batch = next(dataset.RecordReader(small_set, 4, 69, rand_mirror=False).epoch(0))
+    batch = next(record_reader.RecordReader(small_set, 4, 69, rand_mirror=False).epoch(0))
     x = batch.data.asnumpy()
     assert batch.data.context.device_type == "cpu"
     assert x.min() >= 0 and x.max() == 200.0                    # raw pixels, no normalisation
@@ -76,7 +76,7 @@ def test_batch_is_cpu_rgb_float_0_255(small_set):
 
 @pytest.mark.parametrize("num_ranks", [2, 3])
 def test_sharding_pad_mode_covers_every_image_exactly_once(small_set, num_ranks):
-    readers = [dataset.RecordReader(small_set, 4, 69, rank=r, num_ranks=num_ranks, seed=5, last_batch="pad")
+    readers = [record_reader.RecordReader(small_set, 4, 69, rank=r, num_ranks=num_ranks, seed=5, last_batch="pad")
                for r in range(num_ranks)]
     steps = {r.steps_per_epoch for r in readers}
     assert len(steps) == 1                                        # the same step count on every rank
@@ -90,14 +90,14 @@ def test_sharding_pad_mode_covers_every_image_exactly_once(small_set, num_ranks)
 
 @pytest.mark.parametrize("num_ranks", [2, 3])
 def test_sharding_discard_mode_is_disjoint_with_full_batches(small_set, num_ranks):
-    readers = [dataset.RecordReader(small_set, 4, 69, rank=r, num_ranks=num_ranks, seed=1)
+    readers = [record_reader.RecordReader(small_set, 4, 69, rank=r, num_ranks=num_ranks, seed=1)
                for r in range(num_ranks)]
     parts = []
     for r, reader in enumerate(readers):
-        start, end = dataset.shard_bounds(23, num_ranks, r)
+        start, end = record_reader.shard_bounds(23, num_ranks, r)
         batches, keys = collect(reader)
         assert len(batches) == reader.steps_per_epoch == min(
-            e - s for s, e in (dataset.shard_bounds(23, num_ranks, q) for q in range(num_ranks))) // 4
+            e - s for s, e in (record_reader.shard_bounds(23, num_ranks, q) for q in range(num_ranks))) // 4
         assert all(b.pad == 0 for b in batches)
         mine = np.concatenate(keys)
         assert ((mine >= start) & (mine < end)).all()             # the rank's own part
@@ -108,7 +108,7 @@ def test_sharding_discard_mode_is_disjoint_with_full_batches(small_set, num_rank
 
 def test_tiny_parts_use_python_path_and_keep_step_counts(tmp_path):
     rec = write_set(tmp_path, list(range(7)))                       # parts of 3, 3, 1 records for 3 ranks
-    readers = [dataset.RecordReader(rec, 4, 7, rank=r, num_ranks=3, last_batch="pad") for r in range(3)]
+    readers = [record_reader.RecordReader(rec, 4, 7, rank=r, num_ranks=3, last_batch="pad") for r in range(3)]
     assert [r.uses_record_iter for r in readers] == [False, False, False]
     seen = []
     for reader in readers:
@@ -117,12 +117,12 @@ def test_tiny_parts_use_python_path_and_keep_step_counts(tmp_path):
         seen += [k[:4 - b.pad] for b, k in zip(batches, keys)]
     assert np.array_equal(np.sort(np.concatenate(seen)), np.arange(7))
     # discard mode: no part holds a full batch, so no step at all (the trainer refuses that)
-    assert dataset.RecordReader(rec, 4, 7, rank=0, num_ranks=3).steps_per_epoch == 0
+    assert record_reader.RecordReader(rec, 4, 7, rank=0, num_ranks=3).steps_per_epoch == 0
 
 
 def test_pad_mode_all_padding_batch_when_a_part_runs_out(tmp_path):
     rec = write_set(tmp_path, list(range(18)))                      # parts of 9 and 9 -> 5, 4 records for 4 ranks
-    readers = [dataset.RecordReader(rec, 2, 18, rank=r, num_ranks=4, last_batch="pad") for r in range(4)]
+    readers = [record_reader.RecordReader(rec, 2, 18, rank=r, num_ranks=4, last_batch="pad") for r in range(4)]
     assert {r.steps_per_epoch for r in readers} == {3}               # ceil(5 / 2)
     seen = []
     for reader in readers:
@@ -137,7 +137,7 @@ def test_class_ids_above_2_24_are_exact(tmp_path):
     classes = [2 ** 24 + 1, 2 ** 31 + 5, 7, 2 ** 40 + 3, 2 ** 24 - 1, 2 ** 24, 12345678901]
     rec = write_set(tmp_path, classes)
     assert float(np.float32(2 ** 24 + 1)) != 2 ** 24 + 1              # float32 alone would lose these
-    reader = dataset.RecordReader(rec, 7, 2 ** 41, shuffle=False)
+    reader = record_reader.RecordReader(rec, 7, 2 ** 41, shuffle=False)
     batch = next(reader.epoch(0))
     assert batch.label.tolist() == classes
 
@@ -145,7 +145,7 @@ def test_class_ids_above_2_24_are_exact(tmp_path):
 def horovod_ranks_body(rec):
     """Each Horovod rank reads its own part, as the trainer does; returns (steps, keys of real rows)."""
     import horovod.mxnet as hvd
-    reader = dataset.RecordReader(rec, 4, 69, rank=hvd.rank(), num_ranks=hvd.size(), seed=2, last_batch="pad")
+    reader = record_reader.RecordReader(rec, 4, 69, rank=hvd.rank(), num_ranks=hvd.size(), seed=2, last_batch="pad")
     keys = [batch_keys(b)[:4 - b.pad] for b in reader.epoch(1)]
     return reader.steps_per_epoch, np.concatenate(keys)
 
@@ -159,19 +159,19 @@ def test_two_horovod_ranks_split_the_epoch(small_set):
 
 
 def test_an_epoch_left_early_does_not_disturb_the_next(small_set):
-    reader = dataset.RecordReader(small_set, 4, 69, seed=3)
+    reader = record_reader.RecordReader(small_set, 4, 69, seed=3)
     first = reader.epoch(0)
     next(first), next(first)
     first.close()                                                      # the trainer stops mid-epoch at max_steps
     _, keys = collect(reader, epoch=1)
-    _, fresh = collect(dataset.RecordReader(small_set, 4, 69, seed=3), epoch=1)
+    _, fresh = collect(record_reader.RecordReader(small_set, 4, 69, seed=3), epoch=1)
     assert all(np.array_equal(a, b) for a, b in zip(keys, fresh))
 
 
 # ------------------------------------------------------------------------------------------------ determinism
 def test_resume_mid_epoch_yields_the_same_batches(small_set):
-    full, full_keys = collect(dataset.RecordReader(small_set, 4, 69, seed=3, preprocess_threads=2), epoch=1)
-    resumed, resumed_keys = collect(dataset.RecordReader(small_set, 4, 69, seed=3, preprocess_threads=1),
+    full, full_keys = collect(record_reader.RecordReader(small_set, 4, 69, seed=3, preprocess_threads=2), epoch=1)
+    resumed, resumed_keys = collect(record_reader.RecordReader(small_set, 4, 69, seed=3, preprocess_threads=1),
                                     epoch=1, start_step=3)
     assert len(resumed) == len(full) - 3
     for a, b in zip(full[3:], resumed):
@@ -180,47 +180,47 @@ def test_resume_mid_epoch_yields_the_same_batches(small_set):
 
 
 def test_epochs_shuffle_and_mirror_differently(small_set):
-    reader = dataset.RecordReader(small_set, 4, 69, seed=3)
+    reader = record_reader.RecordReader(small_set, 4, 69, seed=3)
     _, keys0 = collect(reader, epoch=0)
     _, keys1 = collect(reader, epoch=1)
     assert not np.array_equal(np.concatenate(keys0), np.concatenate(keys1))
     x = np.concatenate([b.data.asnumpy() for b in reader.epoch(0)])
     mirrored = (x[:, 2, 0, 0] == 50).mean()                           # right-half colour now on the left
     assert 0.15 < mirrored < 0.85
-    _, other_seed = collect(dataset.RecordReader(small_set, 4, 69, seed=4), epoch=0)
+    _, other_seed = collect(record_reader.RecordReader(small_set, 4, 69, seed=4), epoch=0)
     assert not np.array_equal(np.concatenate(keys0), np.concatenate(other_seed))
 
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_open_record_set_names_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_iter.rec"):
-        dataset.open_record_set(str(tmp_path))
+        record_reader.open_record_set(str(tmp_path))
     write_set(tmp_path, [0, 1, 2], layouts=("insightface",))         # InsightFace layout only
     with pytest.raises(FileNotFoundError, match="convert_rec.py %s" % os.path.join(str(tmp_path), "train")):
-        dataset.open_record_set(str(tmp_path))
+        record_reader.open_record_set(str(tmp_path))
     write_set(tmp_path, [0, 1, 2], layouts=("insightface", "iter"))
-    found = dataset.open_record_set(str(tmp_path))
+    found = record_reader.open_record_set(str(tmp_path))
     assert (found["num_classes"], found["num_images"], found["image_size"]) == (3, 3, SIZE)
     os.remove(os.path.join(str(tmp_path), "property"))
     with pytest.raises(FileNotFoundError, match="property"):
-        dataset.open_record_set(str(tmp_path))
+        record_reader.open_record_set(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="nothere.rec"):
-        dataset.RecordReader(os.path.join(str(tmp_path), "nothere.rec"), 2, 3)
+        record_reader.RecordReader(os.path.join(str(tmp_path), "nothere.rec"), 2, 3)
     os.remove(os.path.join(str(tmp_path), "train_iter.idx"))
     with pytest.raises(FileNotFoundError, match="train_iter.idx"):
-        dataset.RecordReader(os.path.join(str(tmp_path), "train_iter.rec"), 2, 3)
+        record_reader.RecordReader(os.path.join(str(tmp_path), "train_iter.rec"), 2, 3)
 
 
 def test_insightface_file_is_refused_so_header_records_never_reach_a_batch(tmp_path):
     write_set(tmp_path, [0, 0, 1, 2], layouts=("insightface",))
     with pytest.raises(ValueError, match="convert_rec.py"):
-        dataset.RecordReader(os.path.join(str(tmp_path), "train.rec"), 2, 3)
+        record_reader.RecordReader(os.path.join(str(tmp_path), "train.rec"), 2, 3)
 
 
 def test_class_id_out_of_range_names_the_record(tmp_path):
     rec = write_set(tmp_path, [0, 1, 2, 9, 4])
     with pytest.raises(ValueError, match=r"record 3 .*class id 9 >= num_classes 5"):
-        dataset.RecordReader(rec, 2, 5)
+        record_reader.RecordReader(rec, 2, 5)
 
 
 def _offsets(rec):
@@ -233,7 +233,7 @@ def test_undecodable_image_is_skipped_and_counted_mid_epoch(tmp_path, caplog):
     with open(rec, "r+b") as f:                                       # garble the PNG bytes, keep the framing
         f.seek(offset + 8 + rec_format.IR_SIZE + 16)
         f.write(b"\0" * 64)
-    reader = dataset.RecordReader(rec, 8, 40, last_batch="pad", preprocess_threads=2)
+    reader = record_reader.RecordReader(rec, 8, 40, last_batch="pad", preprocess_threads=2)
     assert reader.uses_record_iter                                    # the header check cannot see it
     with caplog.at_level(logging.WARNING, logger="recognition.data"):
         batches, keys = collect(reader)
@@ -259,7 +259,7 @@ def test_damaged_framing_is_skipped_without_crashing(tmp_path, damage, caplog):
             f.seek(int(offsets[11]) + 4)
             f.write(struct.pack("<I", 1 << 20))
     with caplog.at_level(logging.WARNING, logger="recognition.data"):
-        reader = dataset.RecordReader(rec, 4, 30, rank=0, num_ranks=1, last_batch="pad")
+        reader = record_reader.RecordReader(rec, 4, 30, rank=0, num_ranks=1, last_batch="pad")
         assert not reader.uses_record_iter                            # MXNet would abort on this file
         batches, keys = collect(reader)
     real = np.concatenate([k[:4 - b.pad] for b, k in zip(batches, keys)])
@@ -270,37 +270,13 @@ def test_damaged_framing_is_skipped_without_crashing(tmp_path, damage, caplog):
 
 def test_image_size_mismatch_is_an_error(small_set):
     with pytest.raises(ValueError, match="image_size"):
-        dataset.RecordReader(small_set, 4, 69, image_size=(112, 96))
+        record_reader.RecordReader(small_set, 4, 69, image_size=(112, 96))
 
 
 def test_parameter_errors(small_set):
     with pytest.raises(ValueError, match="last_batch"):
-        dataset.RecordReader(small_set, 4, 69, last_batch="wrap")
+        record_reader.RecordReader(small_set, 4, 69, last_batch="wrap")
     with pytest.raises(ValueError, match="rank"):
-        dataset.RecordReader(small_set, 4, 69, rank=2, num_ranks=2)
+        record_reader.RecordReader(small_set, 4, 69, rank=2, num_ranks=2)
     with pytest.raises(ValueError, match="start_step"):
-        next(dataset.RecordReader(small_set, 4, 69).epoch(0, start_step=99))
-
-
-# ------------------------------------------------------------------------------------------------ synthetic
-def test_synthetic_reader_labels_uniform_and_deterministic():
-    reader = dataset.SyntheticReader(64, 100_000_000, steps_per_epoch=6, rank=1, num_ranks=2, seed=9)
-    batches = list(reader.epoch(3))
-    assert len(batches) == 6 and reader.num_images == 6 * 64 * 2
-    labels = np.concatenate([b.label for b in batches])
-    assert labels.dtype == np.int64 and labels.min() >= 0 and labels.max() < 100_000_000
-    assert len(np.unique(labels)) == len(labels)                       # not all 0, spread over 10^8 classes
-    assert labels.max() > 50_000_000 > labels.min()
-    x = batches[0].data.asnumpy()
-    assert x.shape == (64, 3, 112, 112) and x.dtype == np.float32 and 0 <= x.min() and x.max() <= 255
-    assert x.std() > 50                                               # random pixels
-    again = list(dataset.SyntheticReader(64, 100_000_000, steps_per_epoch=6, rank=1, num_ranks=2,
-                                         seed=9).epoch(3, start_step=4))
-    assert np.array_equal(again[0].label, batches[4].label)
-    assert np.array_equal(again[1].data.asnumpy(), batches[5].data.asnumpy())
-    other_rank = next(dataset.SyntheticReader(64, 100_000_000, rank=0, num_ranks=2, seed=9).epoch(3))
-    assert not np.array_equal(other_rank.label, batches[0].label)
-    # uniform over a small range: every class about equally often
-    small = np.concatenate([b.label for b in dataset.SyntheticReader(500, 10, steps_per_epoch=20).epoch(0)])
-    counts = np.bincount(small, minlength=10)
-    assert counts.min() > 850 and counts.max() < 1150                  # 1000 expected, sd ~30
+        next(record_reader.RecordReader(small_set, 4, 69).epoch(0, start_step=99))

@@ -1,4 +1,4 @@
-"""tools/pack_rec.py and tools/convert_rec.py, and the layouts of recognition/rec_format.py."""
+"""tools/pack_rec.py and tools/convert_rec.py, and the layouts of recognition/data/rec_format.py."""
 import os
 import subprocess
 import sys
@@ -8,10 +8,9 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition import dataset, rec_format
+from recognition.data import rec_format, record_reader
+from tests.harness import ROOT
 from tools import convert_rec, pack_rec
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def smooth_image(rng):
@@ -49,7 +48,7 @@ def read_insightface(prefix):
 
 
 def iter_batches(prefix, num_classes, batch_size):
-    reader = dataset.RecordReader(prefix + "_iter.rec", batch_size, num_classes, shuffle=False, rand_mirror=False,
+    reader = record_reader.RecordReader(prefix + "_iter.rec", batch_size, num_classes, shuffle=False, rand_mirror=False,
                                   last_batch="pad")
     labels, data = [], []
     for batch in reader.epoch(0):
@@ -202,7 +201,7 @@ def test_convert_cli(insightface_set):
     prefix, _ = insightface_set
     subprocess.run([sys.executable, "tools/convert_rec.py", prefix, "--workers", "1"], cwd=ROOT, check=True,
                    capture_output=True)
-    assert dataset.open_record_set(os.path.dirname(prefix))["num_images"] == 12
+    assert record_reader.open_record_set(os.path.dirname(prefix))["num_images"] == 12
     with pytest.raises(FileNotFoundError, match="missing.rec"):
         convert_rec.convert(prefix + "missing", progress=False)
 

@@ -18,8 +18,8 @@ import tempfile
 import numpy as np
 from numba import njit
 
-from recognition import cpu_kernels
-from recognition.memory_bank import init_rows
+from recognition.partial_fc import cpu_kernels
+from recognition.partial_fc.memory_bank import init_rows
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _pread = _libc.pread
