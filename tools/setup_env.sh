@@ -17,7 +17,7 @@ say() { echo "setup: $*"; }
 
 stamp_of() { cat "$REQ" "$0" | sha256sum | cut -c1-16; echo "gpu=$GPU horovod=$HOROVOD_VERSION"; }
 STAMP_FILE=$VENV/.setup-stamp
-IMPORT_CHECK="import mxnet, numpy, cv2, easydict, sklearn, tqdm, pytest, matplotlib, numba, horovod.mxnet"
+IMPORT_CHECK="import mxnet, numpy, cv2, easydict, sklearn, tqdm, pytest, matplotlib, numba, onnx, onnxruntime, horovod.mxnet"
 
 if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$(stamp_of)" ] \
    && "$VENV/bin/python" -c "$IMPORT_CHECK" 2>/dev/null; then
