@@ -1,11 +1,12 @@
 """Face verification on InsightFace ``.bin`` sets (LFW, CFP-FP, AgeDB-30, ...) with the protocol papers report.
 
     python eval/verification.py --model models/r50/model,1 --data-dir data/faces_emore --target lfw,cfp_fp,agedb_30
+    python eval/verification.py --onnx model.onnx --data-dir data/faces_emore --target lfw
 
 A ``.bin`` is a pickle of ``(images, issame)``: 2P encoded aligned faces (pair i is images 2i and 2i+1) and P
 booleans. Every image and its horizontal flip are embedded and the two embeddings summed; the sums are
 L2-normalised and each pair is scored by the squared Euclidean distance of its two embeddings ("same" when
-the distance is below a threshold). Reported per set:
+the distance is below a threshold); eval/embedding.py embeds (MXNet checkpoint or ONNX). Reported per set:
     accuracy    10-fold, folds in order: the best of the thresholds 0.00, 0.01, ..., 3.99 on 9 folds is applied
                 to the 10th (mean and std of the 10 held-out accuracies)
     val         TAR at FAR = 1e-3 on the same folds: thresholds 0.000, 0.001, ..., 3.999; the threshold with FAR
@@ -29,6 +30,9 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+# Embedder is used by the training loop as verification.Embedder
+from eval.embedding import (Embedder, add_model_arguments, check_model_arguments,  # noqa: E402,F401
+                            embedder_from_args, model_name)
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -145,123 +149,6 @@ def write_bin(path, jpeg_list, issame_list):
     atomic_write_bytes(path, pickle.dumps((bins, [bool(v) for v in flags]), protocol=4))
 
 
-# ------------------------------------------------------------------------------------------------ model
-def parse_model_spec(spec):
-    """'PREFIX,EPOCH' -> (prefix, epoch)."""
-    prefix, _, epoch = str(spec).rpartition(",")
-    if not prefix or not epoch.strip().isdigit():
-        raise ValueError("model must be given as PREFIX,EPOCH (files PREFIX-symbol.json and PREFIX-EPOCH.params "
-                         "with a 4-digit epoch), got %r" % (spec,))
-    return prefix, int(epoch)
-
-
-def checkpoint_files(spec):
-    """The two files of checkpoint 'PREFIX,EPOCH'; FileNotFoundError names the first one missing."""
-    prefix, epoch = parse_model_spec(spec)
-    files = ("%s-symbol.json" % prefix, "%s-%04d.params" % (prefix, epoch))
-    for path in files:
-        if not os.path.isfile(path):
-            raise FileNotFoundError("model file not found: %s (from %s)" % (path, spec))
-    return files
-
-
-def embedding_symbol(symbol):
-    """The internal output ``fc1_output`` of ``symbol`` when it has one (a training graph with a loss on top),
-    otherwise its single output."""
-    internals = symbol.get_internals()
-    if "fc1_output" in internals.list_outputs():
-        return internals["fc1_output"]
-    if len(symbol.list_outputs()) != 1:
-        raise ValueError("the symbol has no fc1_output and %d outputs (%s); cannot tell which is the embedding"
-                         % (len(symbol.list_outputs()), ", ".join(symbol.list_outputs())))
-    return symbol
-
-
-class Embedder:
-    """Flip-summed embeddings ``f(x) + f(flip_w(x))`` of uint8 RGB NCHW faces with an MXNet symbol.
-
-    The inference module is bound for (batch_size, 3, H, W) (again by ``set_params`` after a forward, see there);
-    the last partial batch is zero-padded to it and the padded rows dropped. Input pixels go to the graph as raw
-    0..255 float32 (it normalises itself).
-    """
-
-    def __init__(self, symbol, arg_params, aux_params, ctx=None, batch_size=64, image_size=(112, 112)):
-        import mxnet as mx
-        if int(batch_size) < 1:
-            raise ValueError("batch_size must be >= 1, got %r" % (batch_size,))
-        self.batch_size = int(batch_size)
-        self.input_shape = (3,) + tuple(int(v) for v in image_size)
-        self.context = mx.cpu() if ctx is None else ctx
-        self.symbol = embedding_symbol(symbol)
-        if "data" not in self.symbol.list_arguments():
-            raise ValueError("the embedding graph has no input named 'data' (its inputs: %s)"
-                             % ", ".join(self.symbol.list_arguments()))
-        self.module = None
-        self.set_params(arg_params, aux_params)
-        self.dim = int(np.prod(self.module.output_shapes[0][1][1:]))
-
-    def _bind(self):
-        import mxnet as mx
-        self.module = mx.mod.Module(self.symbol, data_names=["data"], label_names=None, context=self.context)
-        self.module.bind(data_shapes=[("data", (self.batch_size,) + self.input_shape)], for_training=False)
-        self.has_run = False
-
-    def set_params(self, arg_params, aux_params):
-        """Load new weights (e.g. the training module's, every verification); extra parameters are ignored."""
-        missing = [n for n in self.symbol.list_arguments() if n != "data" and n not in arg_params]
-        missing += [n for n in self.symbol.list_auxiliary_states() if n not in aux_params]
-        if missing:
-            raise ValueError("parameters missing for the embedding graph: %s" % ", ".join(missing[:10]))
-        if self.module is None or self.has_run:
-            # MXNet's CPU (MKLDNN) inference graph caches FC/conv weights (with BN folded in) at its first
-            # forward and ignores later set_params; a fresh bind (~0.2 s for r50) is the reliable refresh.
-            self._bind()
-        self.module.set_params(arg_params, aux_params, allow_missing=False, force_init=True, allow_extra=True)
-
-    @classmethod
-    def from_checkpoint(cls, spec, ctx=None, batch_size=64, image_size=(112, 112)):
-        """An Embedder for the legacy checkpoint 'PREFIX,EPOCH'; FileNotFoundError names a missing file."""
-        import mxnet as mx
-        checkpoint_files(spec)
-        symbol, arg_params, aux_params = mx.model.load_checkpoint(*parse_model_spec(spec))
-        return cls(symbol, arg_params, aux_params, ctx=ctx, batch_size=batch_size, image_size=image_size)
-
-    def _forward(self, batch):
-        """Queue a forward pass of the float32 ``batch``; returns its output copied to the CPU (asynchronously,
-        so the next batch can be prepared while this one runs)."""
-        import mxnet as mx
-        self.has_run = True
-        self.module.forward(mx.io.DataBatch(data=[mx.nd.array(batch)]), is_train=False)
-        return self.module.get_outputs()[0].copyto(mx.cpu())
-
-    def embed(self, images, progress=None):
-        """np.float32 (N, D): raw (not normalised) f(x) + f(x flipped along the width) for uint8 images
-        (N, 3, H, W). ``progress(k)`` is called after every batch of k images."""
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[1:] != self.input_shape:
-            raise ValueError("images must be (N, %d, %d, %d), got %s" % (self.input_shape + (images.shape,)))
-        out = np.empty((len(images), self.dim), np.float32)
-        view_norms = 0.0
-        batch = np.zeros((self.batch_size,) + self.input_shape, np.float32)
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
-            count = len(chunk)
-            batch[:count] = chunk
-            batch[count:] = 0               # padding rows: their outputs are dropped
-            plain = self._forward(batch)
-            batch[:count] = chunk[..., ::-1]
-            flipped = self._forward(batch)
-            plain = plain.asnumpy().reshape(self.batch_size, -1)[:count]
-            flipped = flipped.asnumpy().reshape(self.batch_size, -1)[:count]
-            out[start:start + count] = plain + flipped
-            view_norms += np.linalg.norm(plain, axis=1).sum() + np.linalg.norm(flipped, axis=1).sum()
-            if progress is not None:
-                progress(count)
-        # InsightFace's XNorm: the mean norm of the single-view embeddings (plain and flipped), before summing
-        self.last_xnorm = float(view_norms / (2 * len(images))) if len(images) else float("nan")
-        return out
-
-
 # ---------------------------------------------------------------------------------------------- metrics
 def _count_below(values, thresholds):
     """For every threshold t, how many of ``values`` are < t."""
@@ -373,29 +260,12 @@ def format_table(results, pair_counts):
     return "\n".join(lines)
 
 
-def parse_context(text):
-    """'cpu', 'gpu' or 'gpu:N' -> an MXNet context; a clear error when MXNet sees no such GPU."""
-    import mxnet as mx
-    kind, _, index = text.partition(":")
-    if kind == "cpu" and not index:
-        return mx.cpu()
-    if kind == "gpu" and (not index or index.isdigit()):
-        index = int(index or 0)
-        if index >= mx.context.num_gpus():
-            raise ValueError("--ctx %s: MXNet sees %d GPU(s)" % (text, mx.context.num_gpus()))
-        return mx.gpu(index)
-    raise ValueError("--ctx must be cpu, gpu or gpu:N, got %r" % text)
-
-
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Verification accuracy of a legacy MXNet checkpoint on .bin sets "
-                                                 "(10-fold accuracy, VAL@FAR=1e-3, AUC, XNorm).")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint PREFIX,EPOCH (files PREFIX-symbol.json and PREFIX-%%04d.params)")
+    parser = argparse.ArgumentParser(description="Verification accuracy of a legacy MXNet checkpoint or an ONNX "
+                                                 "model on .bin sets (10-fold accuracy, VAL@FAR=1e-3, AUC, XNorm).")
+    add_model_arguments(parser)
     parser.add_argument("--data-dir", required=True, help="folder holding the sets as NAME.bin")
     parser.add_argument("--target", default=DEFAULT_TARGETS, help="comma-separated set names (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default %(default)s)")
-    parser.add_argument("--ctx", default="cpu", help="cpu, gpu or gpu:N (default %(default)s)")
     parser.add_argument("--image-size", default="112,112", help="H,W of the faces (default %(default)s)")
     parser.add_argument("--nfolds", type=int, default=10, help="cross-validation folds (default %(default)s)")
     parser.add_argument("--json", action="store_true",
@@ -411,13 +281,10 @@ def main(argv=None):
         names = [n.strip() for n in args.target.split(",") if n.strip()]
         if not names:
             raise ValueError("--target names no set")
-        if args.batch_size < 1:
-            raise ValueError("--batch-size must be >= 1, got %d" % args.batch_size)
         image_size = tuple(int(v) for v in args.image_size.split(","))
         if len(image_size) != 2:
             raise ValueError("--image-size must be H,W, got %r" % args.image_size)
-        context = parse_context(args.ctx)
-        checkpoint_files(args.model)                  # fail before the slow loading
+        check_model_arguments(args)                   # fail before the slow loading
         paths = {name: os.path.join(args.data_dir, name + ".bin") for name in names}
         missing = [path for path in paths.values() if not os.path.isfile(path)]
         if missing:
@@ -428,8 +295,7 @@ def main(argv=None):
             datasets[name] = load_bin(path, image_size)
             print("loaded %s: %d pairs in %.1f s" % (name, len(datasets[name][1]), time.time() - begin),
                   file=sys.stderr)
-        embedder = Embedder.from_checkpoint(args.model, ctx=context, batch_size=args.batch_size,
-                                            image_size=image_size)
+        embedder = embedder_from_args(args, image_size)
         results = verify(embedder, datasets, nfolds=args.nfolds, progress=True)
     except (OSError, ValueError, mx.base.MXNetError) as error:
         print("error: %s" % error, file=sys.stderr)
@@ -437,7 +303,7 @@ def main(argv=None):
     table = format_table(results, {name: len(issame) for name, (_, issame) in datasets.items()})
     if args.json:
         print(table, file=sys.stderr)
-        print(json.dumps({"model": args.model, "sets": {name: dict(pairs=len(datasets[name][1]), **metrics)
+        print(json.dumps({"model": model_name(args), "sets": {name: dict(pairs=len(datasets[name][1]), **metrics)
                                                         for name, metrics in results.items()}}))
     else:
         print(table)

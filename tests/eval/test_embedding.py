@@ -1,0 +1,118 @@
+"""eval/embedding.py: the view logic (flip, per-view normalisation, sum, XNorm) over any backend against NumPy,
+the MXNet backend on any number of faces, and the shared --model / --onnx arguments."""
+import argparse
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from eval import embedding
+
+
+class LinearBackend:
+    """A backend that is a plain NumPy linear map of the raw pixels; records what it was given."""
+
+    def __init__(self, weight, batch_size=3, input_shape=(3, 4, 5)):
+        self.weight, self.batch_size, self.input_shape, self.dim = weight, batch_size, input_shape, len(weight)
+        self.calls = []
+
+    def forward(self, batch):
+        self.calls.append(batch)
+        return (batch.reshape(len(batch), -1).astype(np.float64) @ self.weight.T).astype(np.float32)
+
+
+def faces(count, shape=(3, 4, 5), seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count,) + shape, dtype=np.uint8)
+
+
+def reference_views(images, weight):
+    """float64 (plain view, flipped view) raw embeddings."""
+    x = images.astype(np.float64)
+    return x.reshape(len(x), -1) @ weight.T, x[..., ::-1].reshape(len(x), -1) @ weight.T
+
+
+def unit(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("flip, normalize", [(True, False), (True, True), (False, False), (False, True)])
+def test_views_are_combined_as_numpy_does(flip, normalize):
+    weight = np.random.default_rng(1).normal(size=(6, 60))
+    backend = LinearBackend(weight)
+    embedder = embedding.Embedder.from_backend(backend)
+    images = faces(7)
+    seen = []
+    got = embedder.embed(images, progress=seen.append, flip=flip, normalize_views=normalize)
+    plain, flipped = reference_views(images, weight)
+    if normalize:
+        plain, flipped = unit(plain), unit(flipped)
+    expected = plain + flipped if flip else plain
+    assert got.dtype == np.float32 and got.shape == (7, 6)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    assert seen == [3, 3, 1]                                        # batches of the backend's batch size
+    raw = reference_views(images, weight)
+    norms = np.concatenate([np.linalg.norm(v, axis=1) for v in (raw if flip else raw[:1])])
+    assert embedder.last_xnorm == pytest.approx(norms.mean(), rel=1e-6)   # XNorm: raw single views, always
+    call = backend.calls[0]
+    assert call.dtype == np.float32 and len(call) == (6 if flip else 3)     # raw pixels, both views in one call
+    np.testing.assert_array_equal(call[:3], images[:3])
+    if flip:
+        np.testing.assert_array_equal(call[3:], images[:3, :, :, ::-1])
+
+
+def test_embed_batch_returns_the_raw_view_norms():
+    weight = np.random.default_rng(2).normal(size=(4, 60))
+    embedder = embedding.Embedder.from_backend(LinearBackend(weight))
+    images = faces(5, seed=3)
+    _, norms = embedder.embed_batch(images, flip=True, normalize_views=True)
+    plain, flipped = reference_views(images, weight)
+    np.testing.assert_allclose(norms, np.stack([np.linalg.norm(plain, axis=1), np.linalg.norm(flipped, axis=1)], 1),
+                               rtol=1e-6)
+
+
+def test_bad_input_and_bad_backends_are_named():
+    weight = np.ones((4, 60))
+    embedder = embedding.Embedder.from_backend(LinearBackend(weight))
+    with pytest.raises(ValueError, match=r"images must be \(N, 3, 4, 5\)"):
+        embedder.embed(faces(2, shape=(3, 5, 4)))
+    with pytest.raises(TypeError, match="LinearBackend takes no new parameters"):
+        embedder.set_params({}, {})
+    broken = LinearBackend(weight)
+    broken.forward = lambda batch: np.zeros((len(batch), 3), np.float32)
+    with pytest.raises(ValueError, match=r"backend returned \(4, 3\) for 4 faces, expected \(4, 4\)"):
+        embedding.Embedder.from_backend(broken).embed(faces(2))
+
+
+def test_mxnet_backend_takes_any_number_of_faces():
+    rng = np.random.default_rng(4)
+    weight, bias = rng.normal(size=(5, 60)).astype(np.float32) / 30, rng.normal(size=5).astype(np.float32)
+    symbol = mx.sym.FullyConnected(mx.sym.Flatten(mx.sym.Variable("data")), num_hidden=5, name="fc1")
+    backend = embedding.MXNetBackend(symbol, {"fc1_weight": mx.nd.array(weight), "fc1_bias": mx.nd.array(bias)},
+                                     {}, batch_size=4, image_size=(4, 5))
+    assert backend.dim == 5 and backend.input_shape == (3, 4, 5)
+    for count in (0, 1, 4, 9):
+        batch = faces(count, seed=count).astype(np.float32)
+        got = backend.forward(batch)
+        assert got.shape == (count, 5) and got.dtype == np.float32
+        np.testing.assert_allclose(got, batch.reshape(count, 60).astype(np.float64) @ weight.T + bias,
+                                   rtol=1e-5, atol=1e-3)
+
+
+def test_model_arguments_take_exactly_one_model(tmp_path, capsys):
+    def parse(argv):
+        parser = argparse.ArgumentParser()
+        embedding.add_model_arguments(parser)
+        return parser.parse_args(argv)
+
+    for argv in ([], ["--model", "m,1", "--onnx", "m.onnx"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+    assert "--model" in capsys.readouterr().err
+    args = parse(["--onnx", str(tmp_path / "absent.onnx")])
+    assert embedding.model_name(args) == str(tmp_path / "absent.onnx")
+    with pytest.raises(FileNotFoundError, match=r"ONNX model not found: .*absent\.onnx"):
+        embedding.check_model_arguments(args)
+    with pytest.raises(FileNotFoundError, match=r"model file not found: .*m-symbol\.json"):
+        embedding.check_model_arguments(parse(["--model", str(tmp_path / "m") + ",1"]))
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        embedding.check_model_arguments(parse(["--model", "m,1", "--batch-size", "0"]))

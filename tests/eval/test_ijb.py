@@ -1,0 +1,366 @@
+"""eval/ijb.py against plain NumPy re-computations of every step (alignment matrix, warp, image features,
+media / template pooling, pair scores, ROC and TAR table), the meta-file errors, the whole CLI on a synthetic
+IJB set written by tools/make_synthetic_ijb.py, and that tool's landmarks."""
+import json
+import os
+
+import cv2
+import mxnet as mx
+import numpy as np
+import pytest
+
+from eval import ijb
+from tools import make_synthetic_ijb
+
+TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
+                     [70.7299, 92.2041]])          # the issue's ArcFace points, typed again on purpose
+
+
+# ------------------------------------------------------------------------------------------ references
+def similarity(scale, degrees, shift):
+    """A hand-made 2 x 3 similarity matrix."""
+    c, s = scale * np.cos(np.radians(degrees)), scale * np.sin(np.radians(degrees))
+    return np.array([[c, -s, shift[0]], [s, c, shift[1]]])
+
+
+def lstsq_similarity(points):
+    """The least-squares similarity onto TEMPLATE as a 10 x 4 linear system in (a, b, tx, ty)."""
+    rows, target = [], []
+    for (x, y), (u, v) in zip(points, TEMPLATE):
+        rows += [[x, -y, 1, 0], [y, x, 0, 1]]
+        target += [u, v]
+    a, b, tx, ty = np.linalg.lstsq(np.array(rows), np.array(target), rcond=None)[0]
+    return np.array([[a, -b, tx], [b, a, ty]])
+
+
+def bilinear_warp(image, matrix, size=(112, 112)):
+    """Inverse-map every output pixel through ``matrix`` and interpolate bilinearly; 0 outside the image."""
+    height, width = image.shape[:2]
+    inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))
+    out = np.zeros(size + (image.shape[2],))
+    padded = np.zeros((height + 2, width + 2, image.shape[2]))
+    padded[1:-1, 1:-1] = image
+    for y in range(size[0]):
+        for x in range(size[1]):
+            sx, sy, _ = inverse @ [x, y, 1]
+            x0, y0 = int(np.floor(sx)), int(np.floor(sy))
+            fx, fy = sx - x0, sy - y0
+            if -1 <= x0 < width and -1 <= y0 < height:
+                p = padded[y0 + 1:y0 + 3, x0 + 1:x0 + 3]
+                out[y, x] = ((1 - fy) * ((1 - fx) * p[0, 0] + fx * p[0, 1]) + fy * ((1 - fx) * p[1, 0] + fx * p[1, 1]))
+    return out
+
+
+def pooled_reference(features, templates, medias):
+    """{template: unit feature}: per template, the mean of each media's features, summed, normalised."""
+    out = {}
+    for template in sorted(set(templates)):
+        total = 0
+        for media in sorted(set(m for t, m in zip(templates, medias) if t == template)):
+            rows = [f for f, t, m in zip(features, templates, medias) if t == template and m == media]
+            total = total + np.mean(rows, axis=0)
+        norm = np.linalg.norm(total)
+        out[template] = total / norm if norm > 0 else total
+    return out
+
+
+def roc_reference(labels, scores):
+    """InsightFace's table from a hand-written ROC: one point per distinct threshold (accept: score >= t),
+    points inside a straight run dropped as sklearn's roc_curve drops them, the origin added; each TAR is the
+    TPR at the point nearest in FPR, the last such point on a tie. The AUC by counting (ties count one half)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, np.float64)
+    genuine, impostor = scores[labels == 1], scores[labels == 0]
+    counts = [(np.sum(impostor >= t), np.sum(genuine >= t)) for t in sorted(set(scores.tolist()), reverse=True)]
+    kept = [counts[0]]
+    for before, point, after in zip(counts, counts[1:], counts[2:]):
+        if (point[0] - before[0], point[1] - before[1]) != (after[0] - point[0], after[1] - point[1]):
+            kept.append(point)
+    kept = [(0, 0)] + kept + ([counts[-1]] if len(counts) > 1 else [])
+    fpr = [f / len(impostor) for f, _ in kept]
+    tpr = [t / len(genuine) for _, t in kept]
+    table = {}
+    for key, far in ijb.FAR_LEVELS:
+        best = min(range(len(fpr)), key=lambda i: (abs(fpr[i] - far), -i))
+        table[key] = tpr[best]
+    wins = (genuine[:, None] > impostor[None, :]) + 0.5 * (genuine[:, None] == impostor[None, :])
+    return table, float(wins.mean())
+
+
+# ------------------------------------------------------------------------------------------ alignment
+def test_alignment_recovers_a_hand_made_similarity():
+    cases = [(1.0, 0.0, (0, 0)), (0.6, 17.0, (-20.5, 13.0)), (2.3, -140.0, (90.0, -35.0))]
+    truths = np.array([similarity(*case) for case in cases])
+    # landmarks that the true transform maps exactly onto the template
+    landmarks = np.array([(TEMPLATE - m[:, 2]) @ np.linalg.inv(m[:, :2]).T for m in truths])
+    np.testing.assert_allclose(ijb.similarity_matrices(landmarks), truths, atol=1e-9)
+    np.testing.assert_allclose(ijb.ARCFACE_LANDMARKS, TEMPLATE)
+
+
+def test_alignment_is_the_least_squares_similarity():
+    rng = np.random.default_rng(0)
+    landmarks = rng.uniform(0, 250, (6, 5, 2))                  # far from any similarity image of the template
+    got = ijb.similarity_matrices(landmarks)
+    for points, matrix in zip(landmarks, got):
+        np.testing.assert_allclose(matrix, lstsq_similarity(points), atol=1e-9)
+
+
+def test_warp_matches_a_numpy_bilinear_warp_and_gives_rgb():
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:90, 0:120]
+    bgr = np.stack([120 + 100 * np.sin(xx / 9.0 + c) * np.cos(yy / 13.0 - c) for c in range(3)], 2)
+    bgr = np.clip(bgr + rng.normal(0, 2, bgr.shape), 0, 255).astype(np.uint8)
+    matrix = similarity(1.4, 25.0, (-30.0, 10.0))                # part of the output falls outside: black
+    got = ijb.align_face(bgr, matrix)
+    assert got.shape == (3, 112, 112) and got.dtype == np.uint8
+    expected = bilinear_warp(bgr.astype(np.float64), matrix)[:, :, ::-1].transpose(2, 0, 1)
+    coverage = bilinear_warp(np.ones((90, 120, 1)), matrix)[:, :, 0]     # 1: all four source pixels inside
+    assert (coverage == 0).mean() > 0.1 and (got[:, coverage == 0] == 0).all()
+    # OpenCV interpolates at 1/32 pixel and rounds to uint8: within 1 grey level inside the image; on its edge,
+    # where a pixel is mixed with the black border (a jump of ~150), the 1/32 pixel costs up to ~5
+    error = np.abs(got - expected)
+    assert error[:, coverage == 1].max() < 1 and error[:, coverage < 1].max() < 6 and error.mean() < 0.5
+    red = np.zeros((40, 40, 3), np.uint8)
+    red[:, :, 2] = 255                                           # red in BGR
+    face = ijb.align_face(red, similarity(1.0, 0.0, (0, 0)))
+    assert (face[0, :40, :40] == 255).all() and (face[1:, :40, :40] == 0).all() and (face[:, 50:, 50:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------ features, pooling
+@pytest.mark.parametrize("norm_score, detector_score", [(True, True), (False, True), (True, False), (False, False)])
+def test_image_features_follow_the_flags(norm_score, detector_score):
+    rng = np.random.default_rng(2)
+    embeddings, scores = rng.normal(size=(6, 5)).astype(np.float32), rng.uniform(0.3, 1, 6)
+    expected = embeddings.astype(np.float64)
+    if not norm_score:
+        expected = expected / np.linalg.norm(expected, axis=1, keepdims=True)
+    if detector_score:
+        expected = expected * scores[:, None]
+    got = ijb.image_features(embeddings, scores, norm_score, detector_score)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_pooling_and_pair_scores_match_loops():
+    rng = np.random.default_rng(3)
+    templates = rng.choice([4, 9, 17, 30, 31], 40)
+    medias = rng.choice([1, 2, 3, 50], 40)                       # media ids shared between templates, too
+    features = rng.normal(size=(40, 6)).astype(np.float32)
+    features[templates == 31] = 0                                # every image of template 31 unreadable
+    ids, pooled = ijb.template_features(features, templates, medias)
+    reference = pooled_reference(features.astype(np.float64), templates.tolist(), medias.tolist())
+    assert ids.tolist() == sorted(reference)
+    for template, row in zip(ids, pooled):
+        np.testing.assert_allclose(row, reference[template], atol=1e-6)
+    pairs = np.array([[4, 9], [30, 4], [17, 17], [31, 9], [9, 30]])
+    scores = ijb.pair_scores(ids, pooled, pairs)
+    expected = [reference[a] @ reference[b] for a, b in pairs]
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    assert scores[3] == 0 and scores[2] == pytest.approx(1, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ ROC
+@pytest.mark.parametrize("seed, rounding", [(0, None), (1, 2), (2, 1)])
+def test_tar_table_and_auc_match_the_reference(seed, rounding):
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(60, int), np.zeros(1500, int)]
+    scores = np.r_[rng.normal(0.6, 0.2, 60), rng.normal(0.0, 0.2, 1500)]
+    if rounding is not None:
+        scores = np.round(scores, rounding)                      # many ties: vertical, horizontal, diagonal runs
+    order = rng.permutation(len(labels))
+    labels, scores = labels[order], scores[order]
+    fpr, tpr, auc, table = ijb.roc_table(labels, scores)
+    expected, expected_auc = roc_reference(labels, scores)
+    assert table == pytest.approx(expected, abs=1e-12)
+    assert auc == pytest.approx(expected_auc, abs=1e-12)
+    assert len(set(table.values())) > 2                           # the levels are told apart
+
+
+def test_tar_table_hand_computed_case():
+    """4 genuine, 10 impostor pairs. The ROC points (FPR, TPR): (0, 0), (0, .25), (0, .5), (.1, .5), (.1, .75),
+    (.2, .75), (.2, 1), (1, 1). FAR 0.1 sits on two points: the larger TPR (0.75) counts; 1e-6 .. 1e-2 are
+    nearest to FPR 0, whose largest TPR is 0.5."""
+    labels = [1, 1, 1, 1] + [0] * 10
+    scores = [0.9, 0.8, 0.6, 0.4, 0.7, 0.5] + [0.1] * 8
+    _, _, auc, table = ijb.roc_table(labels, scores)
+    assert table == {"1e-06": 0.5, "1e-05": 0.5, "1e-04": 0.5, "0.001": 0.5, "0.01": 0.5, "0.1": 0.75}
+    assert auc == pytest.approx((4 * 10 - 1 - 2) / 40)            # 0.6 and 0.4 lose to 0.7, 0.4 to 0.5
+
+
+# ------------------------------------------------------------------------------------------- meta files
+def write_meta(root, faces, marks, pairs, target="ijbc"):
+    os.makedirs(os.path.join(root, "meta"), exist_ok=True)
+    for suffix, lines in (("face_tid_mid", faces), ("name_5pts_score", marks), ("template_pair_label", pairs)):
+        with open(os.path.join(root, "meta", "%s_%s.txt" % (target, suffix)), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return str(root)
+
+
+def mark_line(name, offset=0.0, score=0.9):
+    return " ".join([name] + ["%.2f" % (v + offset) for v in TEMPLATE.ravel()] + [str(score)])
+
+
+GOOD_FACES = ["a.jpg 1 10", "b.jpg 1 11", "c.jpg 2 12"]
+GOOD_MARKS = [mark_line("a.jpg"), mark_line("b.jpg", 1.0), mark_line("c.jpg", 2.0, 0.5)]
+GOOD_PAIRS = ["1 2 0", "1 1 1"]
+
+
+def test_meta_is_read_and_joined_by_name(tmp_path):
+    root = write_meta(tmp_path, GOOD_FACES, GOOD_MARKS[::-1], ["", "1 2 0", "", "1 1 1"])
+    meta = ijb.read_meta(root, "IJBC")
+    assert meta.names == ["a.jpg", "b.jpg", "c.jpg"]
+    assert meta.templates.tolist() == [1, 1, 2] and meta.medias.tolist() == [10, 11, 12]
+    np.testing.assert_allclose(meta.landmarks[1], TEMPLATE + 1.0, atol=0.006)     # b's landmarks, though listed 2nd
+    assert meta.detector_scores.tolist() == [0.9, 0.9, 0.5]
+    assert meta.pairs.tolist() == [[1, 2], [1, 1]] and meta.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("faces, marks, pairs, message", [
+    (["a.jpg 1"] + GOOD_FACES[1:], GOOD_MARKS, GOOD_PAIRS, r"face_tid_mid\.txt line 1: expected 3 fields"),
+    (GOOD_FACES[:2] + ["c.jpg x 12"], GOOD_MARKS, GOOD_PAIRS, r"face_tid_mid\.txt line 3: 'x' is not an integer"),
+    (GOOD_FACES, GOOD_MARKS[:1] + ["b.jpg 1 2 3"] + GOOD_MARKS[2:], GOOD_PAIRS,
+     r"name_5pts_score\.txt line 2: expected 12 fields"),
+    (GOOD_FACES, GOOD_MARKS[:2] + [mark_line("c.jpg").replace("38.29", "nope")], GOOD_PAIRS,
+     r"name_5pts_score\.txt line 3: 'nope' is not a number"),
+    (GOOD_FACES, GOOD_MARKS[:2] + ["c.jpg" + " 5" * 10 + " 0.9"], GOOD_PAIRS,
+     r"name_5pts_score\.txt line 3: .*5 points coincide"),
+    (GOOD_FACES, GOOD_MARKS[:2] + [mark_line("b.jpg")], GOOD_PAIRS,
+     r"name_5pts_score\.txt line 3: b\.jpg already has landmarks \(line 2\)"),
+    (GOOD_FACES, GOOD_MARKS[:2] + [mark_line("d.jpg")], GOOD_PAIRS,
+     r"face_tid_mid\.txt line 3: image c\.jpg has no landmarks"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2"], r"template_pair_label\.txt line 2: expected 3 fields"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2 one"], r"template_pair_label\.txt line 2: 'one' is not an integer"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2 3"], r"template_pair_label\.txt line 2: the label must be 0 or 1"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "", "2 7 1"], r"template_pair_label\.txt line 3: template 7 has no images"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "2 1 0"], r"every pair is labelled 0"),
+    (GOOD_FACES, GOOD_MARKS, [""], r"template_pair_label\.txt holds no lines"),
+])
+def test_bad_meta_names_the_file_and_line(tmp_path, faces, marks, pairs, message):
+    root = write_meta(tmp_path, faces, marks, pairs)
+    with pytest.raises(ValueError, match=message):
+        ijb.read_meta(root, "IJBC")
+
+
+def test_missing_meta_files_are_named(tmp_path):
+    root = write_meta(tmp_path, GOOD_FACES, GOOD_MARKS, GOOD_PAIRS, target="ijbb")
+    with pytest.raises(FileNotFoundError, match=r"meta/ijbc_face_tid_mid\.txt"):
+        ijb.read_meta(root, "IJBC")
+    os.remove(os.path.join(root, "meta", "ijbb_template_pair_label.txt"))
+    with pytest.raises(FileNotFoundError, match=r"meta/ijbb_template_pair_label\.txt"):
+        ijb.read_meta(root, "IJBB")
+
+
+# ------------------------------------------------------------------------------------- the whole CLI
+def save_linear_model(prefix, dim=8, seed=0):
+    """A random linear 112 x 112 'network' (fc1 = W x + b) saved as a legacy checkpoint: (W, b)."""
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(dim, 3 * 112 * 112)).astype(np.float32) / 300
+    bias = rng.normal(size=dim).astype(np.float32)
+    symbol = mx.sym.FullyConnected(mx.sym.Flatten(mx.sym.Variable("data")), num_hidden=dim, name="fc1")
+    mx.model.save_checkpoint(prefix, 1, symbol, {"fc1_weight": mx.nd.array(weight), "fc1_bias": mx.nd.array(bias)}, {})
+    return weight.astype(np.float64), bias.astype(np.float64)
+
+
+def reference_result(root, weight, bias, flip, norm_score, detector_score):
+    """The protocol re-computed plainly from the files: per image lstsq alignment, warp, NumPy network,
+    per-view normalisation, flags, pooling by loops, cosine scores, the reference ROC table."""
+    with open(os.path.join(root, "meta", "ijbc_face_tid_mid.txt")) as f:
+        faces = [line.split() for line in f if line.strip()]
+    with open(os.path.join(root, "meta", "ijbc_name_5pts_score.txt")) as f:
+        marks = {line.split()[0]: np.array(line.split()[1:], float) for line in f if line.strip()}
+    with open(os.path.join(root, "meta", "ijbc_template_pair_label.txt")) as f:
+        pairs = np.array([line.split() for line in f if line.strip()], int)
+    features = []
+    for name, _, _ in faces:
+        image = cv2.imread(os.path.join(root, "loose_crop", name))
+        if image is None:
+            features.append(np.zeros(len(bias)))
+            continue
+        matrix = lstsq_similarity(marks[name][:10].reshape(5, 2))
+        rgb = cv2.warpAffine(image, matrix, (112, 112), borderValue=0)[:, :, ::-1].transpose(2, 0, 1)
+        views = [rgb, rgb[:, :, ::-1]] if flip else [rgb]
+        raw = [weight @ v.astype(np.float64).ravel() + bias for v in views]
+        feature = sum(r / np.linalg.norm(r) for r in raw)
+        if not norm_score:
+            feature = feature / np.linalg.norm(feature)
+        features.append(feature * (marks[name][10] if detector_score else 1.0))
+    pooled = pooled_reference(np.array(features), [int(t) for _, t, _ in faces], [int(m) for _, _, m in faces])
+    scores = np.array([pooled[a] @ pooled[b] for a, b, _ in pairs])
+    table, auc = roc_reference(pairs[:, 2], scores)
+    return scores, table, auc, len(pooled)
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("ijb"))
+    summary = make_synthetic_ijb.make_ijb(root, first_identity=50, identities=5, templates=2, media=2, frames=2,
+                                          video=0.5, low_quality=0.3, workers=1, progress=False)
+    with open(os.path.join(root, "loose_crop", "3.jpg"), "r+b") as f:
+        f.truncate(30)                                            # an unreadable image
+    prefix = os.path.join(root, "model")
+    weight, bias = save_linear_model(prefix)
+    return root, prefix, weight, bias, summary
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-flip", "--no-norm-score", "--no-detector-score"]])
+def test_cli_matches_the_numpy_recomputation(synthetic_set, tmp_path, capsys, flags):
+    root, prefix, weight, bias, summary = synthetic_set
+    out = str(tmp_path / "result")
+    argv = ["--model", prefix + ",1", "--data-dir", root, "--target", "ijbc", "--batch-size", "5",
+            "--result-dir", out, "--workers", "2", "--json"] + flags
+    assert ijb.main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out.strip().splitlines()[-1])
+    scores, table, auc, templates = reference_result(root, weight, bias, flip="--no-flip" not in flags,
+                                                     norm_score="--no-norm-score" not in flags,
+                                                     detector_score="--no-detector-score" not in flags)
+    assert report["target"] == "IJBC" and report["model"] == prefix + ",1"
+    assert report["num_images"] == summary["images"] and report["num_unreadable"] == 1
+    assert report["num_templates"] == templates == summary["templates"]
+    assert report["num_pairs"] == len(scores) == summary["genuine_pairs"] + summary["impostor_pairs"]
+    saved = np.load(os.path.join(out, "ijbc_scores.npy"))
+    np.testing.assert_allclose(saved, scores, atol=2e-5)
+    assert list(report["tar_at_far"]) == ["1e-06", "1e-05", "1e-04", "0.001", "0.01", "0.1"]
+    assert report["tar_at_far"] == pytest.approx(table, abs=1e-12)
+    assert report["auc"] == pytest.approx(auc, abs=1e-12)
+    assert "1 of %d images could not be read" % summary["images"] in captured.err and "3.jpg" in captured.err
+    assert "TAR (%)" in captured.err                              # the table, on stderr with --json
+    with open(os.path.join(out, "ijbc_roc.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "ijbc_result.json")) as f:
+        assert json.load(f) == report
+
+
+def test_cli_errors(synthetic_set, tmp_path, capsys):
+    root, prefix, _, _, _ = synthetic_set
+    base = ["--data-dir", root, "--target", "IJBC", "--result-dir", str(tmp_path / "r")]
+    assert ijb.main(base[:3] + ["IJBB"] + base[4:] + ["--model", prefix + ",1"]) == 1
+    assert "meta/ijbb_face_tid_mid.txt" in capsys.readouterr().err
+    assert ijb.main(base + ["--model", prefix + ",2"]) == 1
+    assert "model-0002.params" in capsys.readouterr().err
+    assert ijb.main(base + ["--onnx", str(tmp_path / "none.onnx")]) == 1
+    assert "none.onnx" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ijb.main(base + ["--model", prefix + ",1", "--onnx", "x.onnx"])
+    empty = write_meta(tmp_path / "empty", GOOD_FACES, GOOD_MARKS, GOOD_PAIRS)
+    assert ijb.main(["--data-dir", empty, "--target", "IJBC", "--model", prefix + ",1"]) == 1
+    assert "IJB image folder not found: %s" % os.path.join(empty, "loose_crop") in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")
+
+
+# -------------------------------------------------------------------------------------- the synthetic tool
+def test_synthetic_landmarks_align_back_to_the_drawn_view(tmp_path):
+    root = str(tmp_path)
+    make_synthetic_ijb.make_ijb(root, first_identity=7, identities=2, templates=2, media=1, frames=1,
+                                landmark_noise=0.0, low_quality=0.0, workers=1, progress=False)
+    meta = ijb.read_meta(root, "IJBC")
+    faces, ok = ijb.load_aligned([os.path.join(root, "loose_crop", n) for n in meta.names],
+                                 ijb.similarity_matrices(meta.landmarks))
+    assert ok.all() and len(faces) == 4
+    views = [make_synthetic_ijb.media_view(0, identity, template, 0).transpose(2, 0, 1).astype(float)
+             for identity in (7, 8) for template in (0, 1)]
+    inner = (slice(None), slice(8, -8), slice(8, -8))            # the frame border may show at the edges
+    for face, view, other in zip(faces, views, views[1:] + views[:1]):
+        own, foreign = (np.abs(face.astype(float) - v)[inner].mean() for v in (view, other))
+        assert own < 6 < 3 * own < foreign                      # JPEG + two resamplings vs another face
+    assert meta.templates.tolist() == [1, 2, 3, 4]
+    assert sorted(map(tuple, np.c_[meta.pairs, meta.labels].tolist())) == \
+        [(1, 2, 1), (1, 3, 0), (1, 4, 0), (2, 3, 0), (2, 4, 0), (3, 4, 1)]
