@@ -25,6 +25,8 @@ READERS = ("record", "synthetic")
 LR_MODES = ("step", "poly")
 BANK_LOCATIONS = ("device", "host", "disk")
 CONTEXTS = ("cpu", "gpu")
+METHODS = ("pfc", "ffc")
+FFC_LOSSES = ("arcface", "cosface", "sv")
 
 
 def list_presets():
@@ -58,6 +60,7 @@ def build_arg_parser():
     add("--dataset", required=True, help="preset: " + ", ".join(list_presets()))
     # --backbone: the same flag under a name horovodrun's own parser accepts (Python's argparse reads
     # "--network" after the command as an abbreviation of horovodrun's --network-interface(s), an error)
+    add("--method", choices=METHODS, help="training method: pfc (Partial FC, default) or ffc (dynamic class queue)")
     add("--network", "--backbone", dest="network", help="backbone: " + ", ".join(NETWORKS)
         + " (write --backbone after horovodrun: it rejects --network)")
     add("--loss", help="margin preset: " + ", ".join("%s %s" % kv for kv in LOSSES.items()))
@@ -67,7 +70,12 @@ def build_arg_parser():
     add("--interclass-filter", type=float, help="ignore negatives with cosine above this (0: off)")
     add("--bank-location", choices=BANK_LOCATIONS, help="where class centres and their momentum live")
     add("--bank-dir", help="folder of the memory-mapped bank for --bank-location disk")
-    add("--batch-size", type=int, help="samples per rank per step")
+    add("--queue-size", type=int, help="FFC: slots of the dynamic class queue")
+    add("--ffc-alpha", type=float, help="FFC: EMA rate of the gallery net (g <- a*g + (1-a)*probe)")
+    add("--ffc-loss", choices=FFC_LOSSES, help="FFC: margin type over the queue")
+    add("--margin", type=float, help="FFC: margin m of --ffc-loss (Partial FC takes --margins)")
+    add("--batch-size", type=int, help="samples per rank per step (FFC: identities of the id loader and images "
+        "of the instance loader per rank)")
     add("--lr", type=float, help="base learning rate, for the preset's lr_batch_reference global samples "
         "(scaled linearly to the actual global batch)")
     add("--num-epochs", type=float)
@@ -99,7 +107,7 @@ def build_arg_parser():
 
 
 # flags copied verbatim onto the key of the same name (the others need parsing)
-_DIRECT = ("network", "loss", "scale", "sample_ratio", "interclass_filter", "bank_location", "bank_dir",
+_DIRECT = ("method", "queue_size", "ffc_alpha", "ffc_loss", "network", "loss", "scale", "sample_ratio", "interclass_filter", "bank_location", "bank_dir",
            "batch_size", "lr", "num_epochs", "max_steps", "lr_mode", "warmup_epochs", "embedding_size", "dropout",
            "fp16", "ctx", "models_root", "output", "data_dir", "val_dir", "resume", "seed", "frequent", "verbose",
            "checkpoint_every", "preprocess_threads", "act_type", "loss_scale")
@@ -128,6 +136,8 @@ def config_from_args(argv=None):
         cfg.margins = _numbers("--margins", args.margins, 3)
     elif args.loss is not None:
         cfg.margins = None      # an explicit --loss replaces the preset's margins
+    if args.margin is not None:
+        cfg.ffc_margin = args.margin
     if args.lr_steps is not None:
         cfg.lr_steps = _numbers("--lr-steps", args.lr_steps)
     if args.val_targets is not None:
@@ -164,6 +174,8 @@ def finalize(cfg):
     _check_choice(cfg, "ctx", CONTEXTS)
     _check_choice(cfg, "act_type", ACTIVATIONS)
     _check_choice(cfg, "loss_scale", LOSS_SCALES)
+    _check_choice(cfg, "method", METHODS)
+    _check_choice(cfg, "ffc_loss", FFC_LOSSES)
     cfg.margins = tuple(float(m) for m in (LOSSES[cfg.loss] if cfg.margins is None else cfg.margins))
     if len(cfg.margins) != 3 or cfg.margins[0] <= 0:
         raise ValueError("margins must be (m1, m2, m3) with m1 > 0, got %r" % (cfg.margins,))
@@ -174,8 +186,14 @@ def finalize(cfg):
     for key in ("batch_size", "embedding_size", "frequent", "checkpoint_every", "lr_batch_reference",
                 "preprocess_threads"):
         _check_range(cfg, key, 1)
-    for key in ("verbose", "warmup_epochs", "seed"):
+    for key in ("verbose", "warmup_epochs", "seed", "ffc_margin"):
         _check_range(cfg, key, 0)
+    _check_range(cfg, "queue_size", 1)
+    _check_range(cfg, "ffc_alpha", 0.0, 1.0)
+    _check_range(cfg, "ffc_sv_t", 1.0)
+    if cfg.method == "ffc" and cfg.batch_size % 2:
+        raise ValueError("FFC splits each instance batch into two halves: batch_size must be even, got %d"
+                         % cfg.batch_size)
     _check_range(cfg, "lr", 0.0, low_open=True)
     _check_range(cfg, "num_epochs", 0.0, low_open=True)
     if cfg.max_steps is not None:
@@ -189,7 +207,8 @@ def finalize(cfg):
     else:
         cfg.data_dir = _resolve_data_dir(cfg)
     if cfg.output is None:
-        cfg.output = os.path.join(cfg.models_root, "%s_%s_%s" % (cfg.dataset, cfg.network, cfg.loss))
+        head = cfg.loss if cfg.method == "pfc" else "ffc_" + cfg.ffc_loss
+        cfg.output = os.path.join(cfg.models_root, "%s_%s_%s" % (cfg.dataset, cfg.network, head))
     return cfg
 
 

@@ -1,37 +1,49 @@
-"""The training loop: backbone symbol in an ``mx.mod.Module``, a head (Partial FC), Horovod, checkpoints.
+"""The training loop: a backbone (``backbone.py``), a training method, Horovod, verification and checkpoints.
 
-One step on every rank:
-    batch (this rank's shard) -> backbone forward -> head.forward_backward (gathers the global batch, margin
-    softmax over the sampled centres) -> backbone backward with the head's embedding gradient -> backbone
-    update (gradients summed over ranks by Horovod's DistributedOptimizer) -> head.update (memory bank SGD).
-The learning rate of both comes from one schedule, a pure function of the global step.
+A training method owns the data and the classification head and runs one step; the loop around it is the same
+for every method:
+
+    Partial FC (``recognition.partial_fc.method``): batch -> backbone forward -> Partial FC head -> backward.
+    FFC (``recognition.ffc.method``): id + instance batches -> EMA gallery net, probe forwards of both halves ->
+    dynamic class queue (side A, undone; side B, kept) -> two backward passes -> one update.
+
+A method provides ``steps_per_epoch``, ``probe_batch_size`` (rows of one backbone forward), ``accumulate`` (True
+when a step runs several backward passes), ``attach(backbone)``, ``batches(epoch, start_step)``,
+``train_step(backbone, batch, lr, clock) -> loss``, ``position(step)`` (its data position, for the checkpoint),
+``save(folder)`` / ``load(folder)`` (every rank) and ``timings``. The learning rate of everything comes from one
+schedule, a pure function of the global step.
 
 Everything the next step depends on is a function of (seed, step) or is checkpointed (backbone parameters,
-optimizer momentum, every rank's centre shard and momentum, the step), so a resumed run continues exactly where
-the interrupted one stood, on the same or a different number of ranks.
+optimizer momentum, the method's state, the step), so a resumed run continues exactly where the interrupted one
+stood, on the same or a different number of ranks.
 """
 import json
 import logging
 import os
 import signal
 import time
-import warnings
 
 import numpy as np
 import mxnet as mx
 
 from recognition import checkpoint_io, dist
-from recognition.data import build_reader
-from recognition.partial_fc import PartialFCHead
-from recognition.loss_scale import DynamicLossScaler
+from recognition.backbone import Backbone
 from recognition.lr_scheduler import build_schedule
-from recognition.partial_fc import IGNORE_LABEL
 from recognition.progress import ProgressLogger
 
 log = logging.getLogger("recognition.train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
+
+
+def build_method(cfg, ctx, rank, size):
+    """The training method ``cfg.method`` names ("pfc" or "ffc")."""
+    if cfg.method == "ffc":
+        from recognition.ffc.method import FFCMethod
+        return FFCMethod(cfg, ctx, rank, size)
+    from recognition.partial_fc.method import PartialFCMethod
+    return PartialFCMethod(cfg, ctx, rank, size)
 
 
 class StopRequest:
@@ -55,15 +67,15 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.size = dist.rank(), dist.size()
         self.ctx = mx.gpu(dist.local_rank()) if cfg.ctx == "gpu" else mx.cpu()
-        self.reader = build_reader(cfg, self.rank, self.size)
-        self.steps_per_epoch = self.reader.steps_per_epoch
+        self.method = build_method(cfg, self.ctx, self.rank, self.size)
+        self.steps_per_epoch = self.method.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ValueError("the data gives no full batch of %d per rank on %d ranks" % (cfg.batch_size, self.size))
         epochs_steps = int(cfg.num_epochs * self.steps_per_epoch)
         self.total_steps = min(epochs_steps, cfg.max_steps) if cfg.max_steps else epochs_steps
         self.schedule = build_schedule(cfg, self.steps_per_epoch, self.size)
-        self.module, self.symbol = self._build_backbone()
-        self.head = PartialFCHead(cfg, self.ctx)
+        self.backbone = Backbone(cfg, self.ctx, self.method.probe_batch_size, accumulate=self.method.accumulate)
+        self.method.attach(self.backbone)
         self.output = cfg.output
         self.checkpoint_root = os.path.join(self.output, CHECKPOINT_DIR)
         self.step = 0
@@ -72,38 +84,14 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.checkpoint_root, exist_ok=True)
 
-    # ------------------------------------------------------------------------------------------ set-up
-    def _build_backbone(self):
-        import symbols
-        cfg = self.cfg
-        symbol = symbols.get_symbol(cfg.network, embedding_size=cfg.embedding_size, fp16=cfg.fp16,
-                                    dropout=cfg.dropout, act_type=cfg.act_type)
-        module = mx.mod.Module(symbol, data_names=["data"], label_names=None, context=self.ctx)
-        module.bind(data_shapes=[("data", (cfg.batch_size, 3, 112, 112))], for_training=True)
-        mx.random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        module.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
-        if self.size > 1:   # identical start everywhere, whatever each rank's initialiser did
-            import horovod.mxnet as hvd
-            arg, aux = module.get_params()
-            hvd.broadcast_parameters(arg, root_rank=0, prefix="arg.")
-            hvd.broadcast_parameters(aux, root_rank=0, prefix="aux.")
-            module.set_params(arg, aux)
-        # The head's embedding gradient is d(mean loss over the GLOBAL batch)/d(local embeddings), so the
-        # backbone gradient is the SUM of the ranks' gradients; Horovod averages, hence rescale_grad = size.
-        opt = mx.optimizer.SGD(learning_rate=cfg.lr, momentum=cfg.momentum, wd=cfg.weight_decay,
-                               rescale_grad=float(self.size), multi_precision=bool(cfg.fp16))
-        self._sgd = opt                  # the loss scale is divided out through its rescale_grad
-        if self.size > 1:
-            import horovod.mxnet as hvd
-            opt = hvd.DistributedOptimizer(opt)
-        self._rescale_grad = self._sgd.rescale_grad      # read after Horovod, which may adjust it
-        use_scaler = cfg.loss_scale == "dynamic" or (cfg.loss_scale == "auto" and cfg.fp16)
-        self.scaler = DynamicLossScaler() if use_scaler else None
-        with warnings.catch_warnings():   # MXNet expects rescale_grad = 1/batch; ours is deliberate (above)
-            warnings.filterwarnings("ignore", message="Optimizer created manually")
-            module.init_optimizer(kvstore=None, optimizer=opt)
-        return module, symbol
+    @property
+    def module(self):
+        """The backbone's ``mx.mod.Module`` (what is exported and verified)."""
+        return self.backbone.module
+
+    @property
+    def symbol(self):
+        return self.backbone.symbol
 
     # ------------------------------------------------------------------------------------------- loop
     def fit(self):
@@ -117,13 +105,13 @@ class Trainer:
                                   log_path=os.path.join(self.output, "train_log.jsonl") if self.rank == 0 else None,
                                   rank=self.rank, start_step=self.step)
         if self.rank == 0:
-            log.info("training %s on %d rank(s): %d steps (%d per epoch), global batch %d, %d classes, "
-                     "sample_ratio %g", cfg.network, self.size, self.total_steps, self.steps_per_epoch,
-                     cfg.batch_size * self.size, cfg.num_classes, cfg.sample_ratio)
+            log.info("training %s on %d rank(s): %d steps (%d per epoch), global batch %d; %s", cfg.network,
+                     self.size, self.total_steps, self.steps_per_epoch, cfg.batch_size * self.size,
+                     self.method.describe())
         loss = float("nan")
         while self.step < self.total_steps:
             epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            for batch in self.reader.epoch(epoch, start_step=in_epoch):
+            for batch in self.method.batches(epoch, start_step=in_epoch):
                 loss = self.train_step(batch)
                 self.step += 1
                 progress.step(self.step, epoch, loss, self.schedule(self.step - 1))
@@ -144,43 +132,17 @@ class Trainer:
         return loss
 
     def train_step(self, batch, phase_times=None):
-        """One step on the current batch; returns the global mean loss.
+        """One step of the method on ``batch``; returns the global mean loss.
 
         ``phase_times`` (a dict, for benchmarks): wait for MXNet's asynchronous engine at each phase boundary
-        and add the seconds of backbone_forward, head, backbone_backward (with the Horovod allreduce and SGD)
-        and head_update to it. Without the waits, the head's first blocking read would absorb the backbone.
+        and add the seconds of each phase the method names (backbone forward, head, backbone backward with the
+        Horovod allreduce and SGD, head update, ...). Without the waits, the head's first blocking read would
+        absorb the backbone.
         """
-        clock = _PhaseClock(phase_times)
         lr = self.schedule(self.step)
         # dropout masks (the only randomness in the graph) are a function of (seed, rank, step)
         mx.random.seed(_mix(self.cfg.seed, self.rank, self.step))
-        self.module._optimizer.set_learning_rate(lr)
-        self.module.forward(mx.io.DataBatch(data=[batch.data]), is_train=True)
-        embeddings = self.module.get_outputs()[0]
-        clock.tick("backbone_forward", embeddings)
-        labels = batch.label
-        if batch.pad:                    # padding rows (the epoch's end) are left out of the loss
-            labels = labels.copy()
-            labels[labels.size - batch.pad:] = IGNORE_LABEL
-        loss, grad = self.head.forward_backward(embeddings, labels)
-        clock.tick("head", grad)
-        if self.scaler is None:
-            self.module.backward(out_grads=[grad])
-            self.module.update()
-        else:
-            scale = self.scaler.scale
-            self.module.backward(out_grads=[grad * scale])
-            grads = [g for per_device in self.module._exec_group.grad_arrays for g in per_device]
-            if not self.scaler.update(self.scaler.gradients_overflowed(grads)):
-                self._sgd.rescale_grad = self._rescale_grad / scale
-                self.module.update()
-            else:
-                log.warning("rank %d: step %d: float16 gradient overflow, backbone update skipped, loss scale "
-                            "now %g", self.rank, self.step + 1, self.scaler.scale)
-        clock.tick("backbone_backward", None)
-        self.head.update(lr)
-        clock.tick("head_update", None)
-        return loss
+        return self.method.train_step(self.backbone, batch, lr, _PhaseClock(phase_times))
 
     # ------------------------------------------------------------------------------------ verification
     def verify(self, progress):
@@ -196,13 +158,13 @@ class Trainer:
                     log.warning("verification set %s not found; skipped", path)
                     continue
                 sets[name] = verification.load_bin(path)
-            arg, aux = self.module.get_params()
+            arg, aux = self.backbone.get_params()
             self.verifier = (verification.Embedder(self.symbol, arg, aux, ctx=self.ctx,
                                                    batch_size=self.cfg.val_batch_size), sets)
         embedder, sets = self.verifier
         if not sets:
             return None
-        arg, aux = self.module.get_params()
+        arg, aux = self.backbone.get_params()
         embedder.set_params(arg, aux)
         results = verification.verify(embedder, sets)
         progress.log_eval(self.step, results)
@@ -222,24 +184,24 @@ class Trainer:
         if self.rank == 0:
             checkpoint_io.prepare_dir(final)
         dist.barrier("ckpt.begin")
-        self.head.save(tmp)
+        self.method.save(tmp)
         if self.rank == 0:
-            arg, aux = self.module.get_params()
+            arg, aux = self.backbone.get_params()
             checkpoint_io.atomic_save_ndarrays(os.path.join(tmp, "backbone.params"),
                                                {**{"arg:" + k: v for k, v in arg.items()},
                                                 **{"aux:" + k: v for k, v in aux.items()}})
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, "optimizer.states"),
-                                             self.module._updater.get_states(dump_optimizer=False))
-            state = {"step": self.step, "world_size": self.size, "num_classes": self.cfg.num_classes,
-                     "embedding_size": self.cfg.embedding_size, "network": self.cfg.network,
-                     "seed": self.cfg.seed, "schedule": self.schedule.state_dict(), "best": self.best,
-                     "loss_scale": self.scaler.state_dict() if self.scaler else None,
-                     "time": time.time()}
+            checkpoint_io.atomic_write_bytes(os.path.join(tmp, "optimizer.states"), self.backbone.optimizer_states())
+            scaler = self.backbone.scaler
+            state = {"step": self.step, "world_size": self.size, "method": self.cfg.method,
+                     "num_classes": self.cfg.num_classes, "embedding_size": self.cfg.embedding_size,
+                     "network": self.cfg.network, "seed": self.cfg.seed, "schedule": self.schedule.state_dict(),
+                     "data_position": self.method.position(self.step), "best": self.best,
+                     "loss_scale": scaler.state_dict() if scaler else None, "time": time.time()}
             checkpoint_io.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
         dist.barrier("ckpt.written")
         if self.rank == 0:
             checkpoint_io.commit_dir(tmp, final)
-            arg, aux = self.module.get_params()
+            arg, aux = self.backbone.get_params()
             index = self.step // self.cfg.checkpoint_every if self.cfg.checkpoint_every else self.step
             checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, "model"), index, self.symbol, arg, aux)
             self._prune_checkpoints()
@@ -263,7 +225,8 @@ class Trainer:
             return False
         with open(os.path.join(folder, STATE_FILE)) as f:
             state = json.load(f)
-        for key in ("num_classes", "embedding_size", "network"):
+        state.setdefault("method", "pfc")        # checkpoints written before FFC existed
+        for key in ("method", "num_classes", "embedding_size", "network"):
             if state[key] != self.cfg[key]:
                 raise ValueError("checkpoint %s has %s=%r, this run %r" % (folder, key, state[key], self.cfg[key]))
         changed = self.schedule.mismatches(state["schedule"])
@@ -273,13 +236,13 @@ class Trainer:
         saved = mx.nd.load(os.path.join(folder, "backbone.params"))
         arg = {k[4:]: v for k, v in saved.items() if k.startswith("arg:")}
         aux = {k[4:]: v for k, v in saved.items() if k.startswith("aux:")}
-        self.module.set_params(arg, aux)
+        self.backbone.set_params(arg, aux)
         with open(os.path.join(folder, "optimizer.states"), "rb") as f:
-            self.module._updater.set_states(f.read())
-        self.head.load(folder)
+            self.backbone.load_optimizer_states(f.read())
+        self.method.load(folder)
         self.step = int(state["step"])
-        if self.scaler is not None and state.get("loss_scale"):
-            self.scaler.load_state_dict(state["loss_scale"])
+        if self.backbone.scaler is not None and state.get("loss_scale"):
+            self.backbone.scaler.load_state_dict(state["loss_scale"])
         self.best = state.get("best")
         if self.rank == 0:
             log.info("resumed from %s (step %d, written by %d rank(s), now %d)", folder, self.step,

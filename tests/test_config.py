@@ -205,3 +205,18 @@ def test_train_flags_survive_horovodruns_parser():
     assert ambiguous == ["--network"]
     cfg = config_from_args(["--dataset", "bench_1m", "--backbone", "r18"])
     assert cfg.network == "r18"
+
+
+def test_ffc_flags(data_root):
+    cfg = config_from_args(["--dataset", "bench_1m", "--method", "ffc", "--queue-size", "300", "--ffc-alpha", "0.9",
+                            "--ffc-loss", "sv", "--margin", "0.3", "--scale", "30"])
+    assert (cfg.method, cfg.queue_size, cfg.ffc_alpha, cfg.ffc_loss, cfg.ffc_margin, cfg.scale) == (
+        "ffc", 300, 0.9, "sv", 0.3, 30.0)
+    assert cfg.output.endswith("bench_1m_mbf_ffc_sv")
+    assert config_from_args(["--dataset", "bench_1m"]).method == "pfc"
+    for flags, message in ((["--queue-size", "0"], "queue_size"), (["--ffc-alpha", "1.5"], "ffc_alpha"),
+                           (["--margin", "-0.1"], "ffc_margin"), (["--batch-size", "5"], "must be even")):
+        with pytest.raises(ValueError, match=message):
+            config_from_args(["--dataset", "bench_1m", "--method", "ffc"] + flags)
+    with pytest.raises(SystemExit):
+        config_from_args(["--dataset", "bench_1m", "--method", "arcface"])

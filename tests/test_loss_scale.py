@@ -68,8 +68,8 @@ def _params(trainer):
 def test_scaled_steps_equal_unscaled_steps(tmp_path):
     plain = _trainer(tmp_path / "plain", "--loss-scale", "none")
     scaled = _trainer(tmp_path / "scaled", "--loss-scale", "dynamic")
-    assert plain.scaler is None and scaled.scaler.scale == 2.0 ** 16
-    for batch in list(plain.reader.epoch(0))[:3]:
+    assert plain.backbone.scaler is None and scaled.backbone.scaler.scale == 2.0 ** 16
+    for batch in list(plain.method.reader.epoch(0))[:3]:
         assert scaled.train_step(batch) == pytest.approx(plain.train_step(batch), rel=1e-6)
         scaled.step += 1
         plain.step += 1
@@ -80,12 +80,13 @@ def test_scaled_steps_equal_unscaled_steps(tmp_path):
 
 def test_an_overflowing_step_skips_the_backbone_update_and_halves_the_scale(tmp_path):
     trainer = _trainer(tmp_path, "--loss-scale", "dynamic")
-    trainer.scaler.scale = 2.0 ** 127 * 1.5               # the backbone's gradients overflow float32
-    before, centres = _params(trainer), trainer.head.pfc.weight.copy()
-    batch = next(iter(trainer.reader.epoch(0)))
+    scaler = trainer.backbone.scaler
+    scaler.scale = 2.0 ** 127 * 1.5               # the backbone's gradients overflow float32
+    before, centres = _params(trainer), trainer.method.head.pfc.weight.copy()
+    batch = next(iter(trainer.method.reader.epoch(0)))
     loss = trainer.train_step(batch)
-    assert np.isfinite(loss) and trainer.scaler.skipped == 1 and trainer.scaler.scale == 2.0 ** 126 * 1.5
+    assert np.isfinite(loss) and scaler.skipped == 1 and scaler.scale == 2.0 ** 126 * 1.5
     after = _params(trainer)
     for name in before:
         np.testing.assert_array_equal(after[name], before[name], err_msg=name)
-    assert not np.array_equal(trainer.head.pfc.weight, centres)     # the float32 head still learns
+    assert not np.array_equal(trainer.method.head.pfc.weight, centres)     # the float32 head still learns

@@ -49,10 +49,10 @@ def train_body(argv, resume_probe=False):
     if resume_probe:   # centres right after loading, before any new step
         trainer.resume()
         trainer.cfg.resume = False
-        probe = (trainer.head.pfc.class_start, trainer.head.pfc.weight.copy(), trainer.step)
+        probe = (trainer.method.head.pfc.class_start, trainer.method.head.pfc.weight.copy(), trainer.step)
     loss = trainer.fit()
     arg, aux = trainer.module.get_params()
-    pfc = trainer.head.pfc
+    pfc = trainer.method.head.pfc
     return {"rank": hvd.rank(), "loss": loss, "step": trainer.step,
             "arg": {k: v.asnumpy() for k, v in arg.items()}, "class_start": pfc.class_start,
             "weight": pfc.weight.copy(), "momentum": pfc.weight_mom.copy(), "probe": probe}
@@ -124,7 +124,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
             f.write(b"half a file")
         raise KeyboardInterrupt("killed while writing the centres")
 
-    trainer.head.save = dying_save
+    trainer.method.save = dying_save
     trainer.step = 4
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
@@ -168,14 +168,14 @@ def test_padding_rows_are_left_out_of_the_loss(tmp_path):
     from recognition.trainer import Trainer
     trainer = Trainer(config_from_args(_argv(tmp_path / "run", "--max-steps", "3")))
     seen = []
-    real_forward_backward = trainer.head.forward_backward
+    real_forward_backward = trainer.method.head.forward_backward
 
     def spy(embeddings, labels):
         loss, grad = real_forward_backward(embeddings, labels)
         seen.append((np.array(labels), grad.asnumpy()))
         return loss, grad
-    trainer.head.forward_backward = spy
-    batch = next(iter(trainer.reader.epoch(0)))
+    trainer.method.head.forward_backward = spy
+    batch = next(iter(trainer.method.reader.epoch(0)))
     labels = batch.label.copy()
     loss = trainer.train_step(Batch(batch.data, batch.label, 2))
     np.testing.assert_array_equal(batch.label, labels)                    # the reader's batch is not modified

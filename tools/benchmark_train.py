@@ -39,7 +39,7 @@ def main(argv=None):
                             "--ctx", args.ctx, "--act-type", args.act_type, "--output", os.path.join("models", "bench_train")])
     trainer = Trainer(cfg)
     times, phases = [], []
-    for i, batch in enumerate(trainer.reader.epoch(0)):
+    for i, batch in enumerate(trainer.method.reader.epoch(0)):
         if i == args.warmup + args.steps:
             break
         step_phases = {}

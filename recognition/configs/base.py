@@ -10,6 +10,8 @@ config.dropout = 0.0                # dropout rate before the embedding FC
 config.act_type = "prelu"           # prelu | prelu_conv (same parameters, faster on CPU) | relu
 config.fp16 = False                 # float16 trunk (GPU); the head and master weights stay float32
 config.loss_scale = "auto"          # auto (dynamic when fp16) | dynamic | none: float16 gradient loss scaling
+# --- training method
+config.method = "pfc"               # pfc (Partial FC) | ffc (dynamic class queue + EMA gallery net, recognition/ffc)
 # --- head (Partial FC)
 config.loss = "arcface"             # arcface | cosface | combined; picks the margins below unless they are given
 config.margins = None               # (m1, m2, m3) of s * (cos(m1 * theta + m2) - m3); None: from `loss`
@@ -18,6 +20,12 @@ config.sample_ratio = 1.0           # share of each rank's centres used per step
 config.interclass_filter = 0.0      # Partial FC v2: ignore negatives whose cosine exceeds this (0: off)
 config.bank_location = "device"     # where centres + momentum live: device | host | disk
 config.bank_dir = None              # folder of a disk bank (None: a temporary folder)
+# --- head (FFC); `scale` above is shared
+config.queue_size = 7409            # Q, slots of the dynamic class queue (the reference's default)
+config.ffc_alpha = 0.99             # gallery net EMA: g <- alpha * g + (1 - alpha) * probe, every step
+config.ffc_loss = "arcface"         # arcface (cos(theta + m)) | cosface (cos - m) | sv (SV-softmax)
+config.ffc_margin = 0.5             # m of ffc_loss
+config.ffc_sv_t = 1.2               # t of SV-softmax's hard negatives t * cos + t - 1
 # --- optimisation (SGD with momentum)
 config.batch_size = 128             # per rank
 config.lr = 0.1                     # base rate for `lr_batch_reference` samples per step; the run uses
