@@ -4,8 +4,9 @@
 
 Reads SRC_PREFIX.rec/.idx (InsightFace's layout: header, images, identity records; or any RecordIO file of
 images whose first label is the class id) and writes DST_PREFIX_iter.rec/.idx (DST_PREFIX defaults to
-SRC_PREFIX), one record per image, and ``property`` beside them with the class count. It streams: memory is
-the index (8 bytes a record) plus a few chunks of records in flight, whatever the file's size.
+SRC_PREFIX), one record per image, ``property`` beside them with the class count, and DST_PREFIX_iter.ids.npz,
+the identity -> record keys index of FFC's id loader (recognition/data/identity_index.py). It streams: memory is
+the source index and the class ids written (24 bytes a record) plus a few chunks of records in flight.
 
 Every record is checked: its RecordIO framing (parsed in Python, so a damaged file cannot crash the run), an
 integer class id, and that its image decodes (in parallel processes) at the size of ``property`` (or
@@ -14,6 +15,7 @@ and identity records) are left out. A class id >= the class count of an existing
 names the record. --shuffle writes the images in a random order (seeded), for fast sequential reading.
 """
 import argparse
+import array
 import functools
 import logging
 import os
@@ -23,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.data import rec_format  # noqa: E402
+from recognition.data import identity_index, rec_format  # noqa: E402
 from tools.pack_rec import ordered_map, parse_size  # noqa: E402
 
 log = logging.getLogger("convert_rec")
@@ -91,6 +93,7 @@ def convert(src_prefix, dst_prefix=None, shuffle=False, seed=0, workers=None, im
     records = read_source(rec_path, keys[order], offsets[order], stats)
     work = functools.partial(check_images, image_size=image_size)
     writer = rec_format.RecordSetWriter(dst_prefix, None, image_size, layouts=("iter",))
+    class_ids = array.array("q")            # of every image written, for the identity index (8 bytes each)
     with writer, tqdm(total=len(keys), unit="rec", desc="convert", disable=not progress) as bar:
         seen = 0
         for chunk, reasons in ordered_map(work, records, workers):
@@ -103,10 +106,12 @@ def convert(src_prefix, dst_prefix=None, shuffle=False, seed=0, workers=None, im
                         rec_path, key, class_id, num_classes,
                         src_property if os.path.isfile(src_property) else "the header record"))
                 writer.add(class_id, payload)
+                class_ids.append(class_id)
             total = writer.num_images + stats["damaged"] + stats["non_image"]
             bar.update(total - seen)
             seen = total
         writer.num_classes = max(num_classes or 0, writer.max_class + 1)
+    identity_index.write_for_new_file(rec_format.iter_prefix(dst_prefix) + ".rec", class_ids)
     if header is not None and header[0] != writer.num_images + stats["damaged"]:
         log.warning("the header record announces %d images, the file holds %d (%d written, %d damaged)",
                     header[0], writer.num_images + stats["damaged"], writer.num_images, stats["damaged"])

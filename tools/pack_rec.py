@@ -6,11 +6,13 @@ Identity folders, sorted by name, get class ids 0 .. C-1; a folder's images are 
 BOTH layouts are written, plus ``property`` ("C,H,W") beside them:
     OUT_PREFIX.rec/.idx            InsightFace's layout (header, images, identity records): for InsightFace tools
     OUT_PREFIX_iter.rec/.idx       the images-only layout mx.io.ImageRecordIter (recognition/data/record_reader.py) reads
+    OUT_PREFIX_iter.ids.npz        its identity -> record keys index, for FFC's id loader (data/identity_index.py)
 Images are decoded in parallel processes; one that does not decode is skipped, counted and named in the log.
 An image of another size is resized to --image-size. A JPEG of the right size is stored as it is (no second
 compression); other images are encoded as --encoding (png: lossless).
 """
 import argparse
+import array
 import collections
 import functools
 import logging
@@ -20,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.data import rec_format  # noqa: E402
+from recognition.data import identity_index, rec_format  # noqa: E402
 
 log = logging.getLogger("pack_rec")
 
@@ -113,6 +115,7 @@ def pack(image_dir, out_prefix, layouts=("insightface", "iter"), image_size=(112
     workers = os.cpu_count() if workers is None else workers
     work = functools.partial(load_images, image_size=tuple(image_size), encoding=encoding, quality=quality)
     skipped, resized = [], 0
+    class_ids = array.array("q")            # of every image written, for the identity index (8 bytes each)
     with rec_format.RecordSetWriter(out_prefix, len(identities), image_size, layouts) as writer, \
             tqdm(total=len(files), unit="img", desc="pack", disable=not progress) as bar:
         for _, results in ordered_map(work, files, workers):
@@ -123,7 +126,10 @@ def pack(image_dir, out_prefix, layouts=("insightface", "iter"), image_size=(112
                     continue
                 resized += note == "resized"
                 writer.add(class_id, payload)
+                class_ids.append(class_id)
             bar.update(len(results))
+    if "iter" in layouts:
+        identity_index.write_for_new_file(rec_format.iter_prefix(out_prefix) + ".rec", class_ids)
     summary = {"num_images": writer.num_images, "num_classes": len(identities), "skipped": len(skipped),
                "resized": resized}
     log.info("packed %d images of %d identities into %s (%s); skipped %d unreadable file(s), resized %d",

@@ -1,4 +1,5 @@
 """tools/pack_rec.py and tools/convert_rec.py, and the layouts of recognition/data/rec_format.py."""
+import logging
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from recognition.data import rec_format, record_reader
+from recognition.data import identity_index, rec_format, record_reader
+from tests.data.test_id_loader import brute_force_index
 from tests.harness import ROOT
 from tools import convert_rec, pack_rec
 
@@ -204,6 +206,38 @@ def test_convert_cli(insightface_set):
     assert record_reader.open_record_set(os.path.dirname(prefix))["num_images"] == 12
     with pytest.raises(FileNotFoundError, match="missing.rec"):
         convert_rec.convert(prefix + "missing", progress=False)
+
+
+# ------------------------------------------------------------------------------------------------ identity index
+def check_tool_index(iter_rec, caplog):
+    """The index a tool wrote beside ``iter_rec`` equals a brute-force read of the file, and is taken as fresh."""
+    index, stamp = identity_index.read(identity_index.index_file(iter_rec))
+    assert {int(c): index.keys_of(c).tolist() for c in index.class_ids} == brute_force_index(iter_rec)
+    assert stamp[-1] == len(index.keys) and index.left_out == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "recognition.data"):
+        identity_index.load(iter_rec, progress=False)
+    assert caplog.text == ""                                            # not stale: used as written
+    return index
+
+
+def test_pack_writes_the_identity_index(image_dir, tmp_path, caplog):
+    folder, _ = image_dir
+    prefix = str(tmp_path / "train")
+    pack_rec.pack(folder, prefix, workers=1, progress=False)
+    index = check_tool_index(prefix + "_iter.rec", caplog)
+    assert index.class_ids.tolist() == [0, 1, 2, 3] and index.counts.tolist() == [3, 1, 4, 2]
+    pack_rec.pack(folder, str(tmp_path / "only" / "train"), layouts=("insightface",), workers=1, progress=False)
+    assert sorted(os.listdir(str(tmp_path / "only"))) == ["property", "train.idx", "train.rec"]   # no _iter: no index
+
+
+def test_convert_writes_the_identity_index(insightface_set, tmp_path, caplog):
+    prefix, classes = insightface_set
+    dst = str(tmp_path / "shuffled" / "train")
+    convert_rec.convert(prefix, dst, shuffle=True, seed=3, workers=1, progress=False)   # classes out of key order
+    index = check_tool_index(dst + "_iter.rec", caplog)
+    assert index.counts.tolist() == [3, 2, 4, 3]
+    assert not np.all(np.diff(index.keys.astype(np.int64)) > 0)         # keys come back grouped by identity
 
 
 # ------------------------------------------------------------------------------------------------ layout helpers
