@@ -1,12 +1,15 @@
 """eval/embedding.py: the view logic (flip, per-view normalisation, sum, XNorm) over any backend against NumPy,
-the MXNet backend on any number of faces, and the shared --model / --onnx arguments."""
+the MXNet and ONNX backends on any number of faces, and the shared --model / --onnx arguments."""
 import argparse
+import json
 
+import cv2
 import mxnet as mx
 import numpy as np
 import pytest
 
-from eval import embedding
+from eval import embedding, verification
+from tests.eval.linear_models import linear_weights, save_linear_checkpoint, save_linear_onnx
 
 
 class LinearBackend:
@@ -116,3 +119,29 @@ def test_model_arguments_take_exactly_one_model(tmp_path, capsys):
         embedding.check_model_arguments(parse(["--model", str(tmp_path / "m") + ",1"]))
     with pytest.raises(ValueError, match="--batch-size must be >= 1"):
         embedding.check_model_arguments(parse(["--model", "m,1", "--batch-size", "0"]))
+
+
+def test_onnx_backend_through_the_embedder_and_the_bin_cli(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("eval.onnx_backend")
+    weight, bias = linear_weights((3, 16, 16), dim=6, seed=5)
+    onnx_path, prefix = str(tmp_path / "linear.onnx"), str(tmp_path / "linear")
+    save_linear_onnx(onnx_path, weight, bias, (3, 16, 16))
+    save_linear_checkpoint(prefix, weight, bias)
+    embedder = embedding.Embedder.from_onnx(onnx_path, batch_size=4, image_size=(16, 16))
+    assert embedder.dim == 6 and embedder.input_shape == (3, 16, 16)
+    images = faces(9, shape=(3, 16, 16), seed=6)
+    plain, flipped = (v + bias for v in reference_views(images, weight.astype(np.float64)))
+    np.testing.assert_allclose(embedder.embed(images), plain + flipped, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(embedder.embed(images, normalize_views=True), unit(plain) + unit(flipped), atol=1e-5)
+    # the .bin CLI: the same figures from --onnx as from the same weights as a checkpoint
+    faces_bgr = faces(40, shape=(16, 16, 3), seed=7)
+    verification.write_bin(str(tmp_path / "set.bin"), [cv2.imencode(".png", f)[1].tobytes() for f in faces_bgr],
+                           np.arange(20) % 2 == 0)
+    reports = []
+    for model in (["--onnx", onnx_path], ["--model", prefix + ",1"]):
+        assert verification.main(model + ["--data-dir", str(tmp_path), "--target", "set", "--image-size", "16,16",
+                                          "--nfolds", "5", "--json"]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[0]["model"] == onnx_path
+    assert reports[0]["sets"]["set"] == pytest.approx(reports[1]["sets"]["set"], rel=1e-4)

@@ -5,11 +5,11 @@ import json
 import os
 
 import cv2
-import mxnet as mx
 import numpy as np
 import pytest
 
 from eval import ijb
+from tests.eval.linear_models import linear_weights, save_linear_checkpoint, save_linear_onnx
 from tools import make_synthetic_ijb
 
 TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655],
@@ -37,17 +37,17 @@ def bilinear_warp(image, matrix, size=(112, 112)):
     """Inverse-map every output pixel through ``matrix`` and interpolate bilinearly; 0 outside the image."""
     height, width = image.shape[:2]
     inverse = np.linalg.inv(np.vstack([matrix, [0, 0, 1]]))
-    out = np.zeros(size + (image.shape[2],))
-    padded = np.zeros((height + 2, width + 2, image.shape[2]))
-    padded[1:-1, 1:-1] = image
-    for y in range(size[0]):
-        for x in range(size[1]):
-            sx, sy, _ = inverse @ [x, y, 1]
-            x0, y0 = int(np.floor(sx)), int(np.floor(sy))
-            fx, fy = sx - x0, sy - y0
-            if -1 <= x0 < width and -1 <= y0 < height:
-                p = padded[y0 + 1:y0 + 3, x0 + 1:x0 + 3]
-                out[y, x] = ((1 - fy) * ((1 - fx) * p[0, 0] + fx * p[0, 1]) + fy * ((1 - fx) * p[1, 0] + fx * p[1, 1]))
+    padded = np.zeros((height + 3, width + 3, image.shape[2]))      # a ring of zeros around the image
+    padded[1:height + 1, 1:width + 1] = image
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    sx, sy, _ = np.tensordot(inverse, np.stack([x, y, np.ones_like(x)]), axes=1)
+    x0, y0 = np.floor(sx).astype(int), np.floor(sy).astype(int)
+    fx, fy = (sx - x0)[..., None], (sy - y0)[..., None]
+    outside = (x0 < -1) | (x0 >= width) | (y0 < -1) | (y0 >= height)
+    x0, y0 = np.clip(x0, -1, width) + 1, np.clip(y0, -1, height) + 1
+    out = ((1 - fy) * ((1 - fx) * padded[y0, x0] + fx * padded[y0, x0 + 1])
+           + fy * ((1 - fx) * padded[y0 + 1, x0] + fx * padded[y0 + 1, x0 + 1]))
+    out[outside] = 0
     return out
 
 
@@ -249,16 +249,6 @@ def test_missing_meta_files_are_named(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the whole CLI
-def save_linear_model(prefix, dim=8, seed=0):
-    """A random linear 112 x 112 'network' (fc1 = W x + b) saved as a legacy checkpoint: (W, b)."""
-    rng = np.random.default_rng(seed)
-    weight = rng.normal(size=(dim, 3 * 112 * 112)).astype(np.float32) / 300
-    bias = rng.normal(size=dim).astype(np.float32)
-    symbol = mx.sym.FullyConnected(mx.sym.Flatten(mx.sym.Variable("data")), num_hidden=dim, name="fc1")
-    mx.model.save_checkpoint(prefix, 1, symbol, {"fc1_weight": mx.nd.array(weight), "fc1_bias": mx.nd.array(bias)}, {})
-    return weight.astype(np.float64), bias.astype(np.float64)
-
-
 def reference_result(root, weight, bias, flip, norm_score, detector_score):
     """The protocol re-computed plainly from the files: per image lstsq alignment, warp, NumPy network,
     per-view normalisation, flags, pooling by loops, cosine scores, the reference ROC table."""
@@ -296,23 +286,31 @@ def synthetic_set(tmp_path_factory):
     with open(os.path.join(root, "loose_crop", "3.jpg"), "r+b") as f:
         f.truncate(30)                                            # an unreadable image
     prefix = os.path.join(root, "model")
-    weight, bias = save_linear_model(prefix)
-    return root, prefix, weight, bias, summary
+    weight, bias = linear_weights((3, 112, 112))
+    save_linear_checkpoint(prefix, weight, bias)
+    return root, prefix, weight.astype(np.float64), bias.astype(np.float64), summary
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-flip", "--no-norm-score", "--no-detector-score"]])
-def test_cli_matches_the_numpy_recomputation(synthetic_set, tmp_path, capsys, flags):
+@pytest.mark.parametrize("backend, flags", [("mxnet", []), ("mxnet", ["--no-flip", "--no-norm-score",
+                                                                     "--no-detector-score"]), ("onnx", [])])
+def test_cli_matches_the_numpy_recomputation(synthetic_set, tmp_path, capsys, backend, flags):
     root, prefix, weight, bias, summary = synthetic_set
+    model = ["--model", prefix + ",1"]
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("eval.onnx_backend")
+        model = ["--onnx", str(tmp_path / "linear.onnx")]
+        save_linear_onnx(model[1], weight.astype(np.float32), bias.astype(np.float32), (3, 112, 112))
     out = str(tmp_path / "result")
-    argv = ["--model", prefix + ",1", "--data-dir", root, "--target", "ijbc", "--batch-size", "5",
-            "--result-dir", out, "--workers", "2", "--json"] + flags
+    argv = model + ["--data-dir", root, "--target", "ijbc", "--batch-size", "5", "--result-dir", out, "--workers",
+                    "2", "--json"] + flags
     assert ijb.main(argv) == 0
     captured = capsys.readouterr()
     report = json.loads(captured.out.strip().splitlines()[-1])
     scores, table, auc, templates = reference_result(root, weight, bias, flip="--no-flip" not in flags,
                                                      norm_score="--no-norm-score" not in flags,
                                                      detector_score="--no-detector-score" not in flags)
-    assert report["target"] == "IJBC" and report["model"] == prefix + ",1"
+    assert report["target"] == "IJBC" and report["model"] == model[1]
     assert report["num_images"] == summary["images"] and report["num_unreadable"] == 1
     assert report["num_templates"] == templates == summary["templates"]
     assert report["num_pairs"] == len(scores) == summary["genuine_pairs"] + summary["impostor_pairs"]
