@@ -5,19 +5,23 @@ reads the part ImageRecordIter's indexed splitter gives it (``part_index=r, num_
 a part, the last part the rest), shuffled each epoch, as NCHW float32 RGB 0-255 (normalisation is in the
 symbol). Class ids come back as exact int64 (the file splits them over two float32 labels).
 
-Exact resume: the batches of epoch e on rank r (images, labels, mirror flags) are a pure function of (file,
+Exact resume: the batches of epoch e on rank r (images, labels, mirror flags, pad) are a pure function of (file,
 seed, e, rank, num_ranks, batch_size). A fresh ImageRecordIter is made per epoch with a seed drawn from (seed,
-e): its shuffle is fixed by that seed whatever ``preprocess_threads`` is, and the random mirror is done here
-with a generator seeded from (seed, e, rank, step). ``epoch(e, start_step=k)`` reads and drops k batches.
+e); ``recognition.data.record_order`` computes the order it reads the part in from that seed alone, and batch k
+holds the records at positions k*B .. k*B+B-1 of that order (the last one completed, as ``round_batch`` does,
+with the first records of the splitter's next shuffle). The random mirror is done here with a generator seeded
+from (seed, e, rank, step). ``epoch(e, start_step=k)`` reads nothing before step k: it decodes the records of
+steps k.. in Python, in that order (for the rest of epoch e only; later epochs use ImageRecordIter again).
 
 Damage: a broken RecordIO header or a truncated file makes MXNet abort the process, so the rank's records are
 checked (framing, flag, labels; 48 bytes each, no decoding) when the reader is made. A rank whose part holds
-damaged records, or fewer records than one batch, reads in Python instead (same guarantees, slower), skipping
-the damaged ones. An image that does not decode makes ImageRecordIter raise mid-epoch: the rank then reads the
-records it has not handed out yet in Python, skipping the undecodable ones. Skipped records are counted and
-logged; the epoch still has ``steps_per_epoch`` batches (missing rows become pad rows, flagged by
-``Batch.pad``). After such an error the order of the rest of that epoch depends on how far ImageRecordIter had
-read ahead; re-run tools/convert_rec.py, which decodes every record, to get a clean file.
+damaged records, or fewer records than one batch, reads in Python instead (same order, same guarantees, slower).
+An image that does not decode makes ImageRecordIter raise mid-epoch: the rank then decodes the rest of the epoch
+in Python from the step that failed, in the same order. A record left out (damaged, or an image that does not
+decode) turns its row into a pad row of its own batch: the batch's other images move up and the last rows repeat
+them (flagged by ``Batch.pad``), so every batch depends on its own records only, whatever step the epoch started
+at. Skipped records are counted and logged; the epoch still has ``steps_per_epoch`` batches. Re-run
+tools/convert_rec.py, which decodes every record, to get a clean file.
 """
 import logging
 import os
@@ -29,11 +33,11 @@ import cv2
 import numpy as np
 import mxnet as mx
 
-from recognition.data import rec_format
+from recognition.data import rec_format, record_order
 
 log = logging.getLogger("recognition.data")
 
-_MIRROR, _SHUFFLE, _FALLBACK = 1, 2, 3      # stream tags of the seeded generators (4: synthetic_reader)
+_MIRROR = 1                                  # stream tag of the mirror generator (4: synthetic_reader)
 _LOGGED_SKIPS = 10                                    # skipped records logged one by one; later ones summed up
 
 
@@ -180,23 +184,23 @@ class RecordReader:
     # ------------------------------------------------------------------------------------------ batches
     def epoch(self, epoch, start_step=0):
         """Yield exactly ``steps_per_epoch - start_step`` Batches: steps start_step .. steps_per_epoch-1 of
-        ``epoch`` (the same batches an uninterrupted pass yields from there)."""
+        ``epoch`` (the same batches an uninterrupted pass yields from there; nothing before them is read)."""
         if not 0 <= start_step <= self.steps_per_epoch:
             raise ValueError("start_step %d outside [0, %d]" % (start_step, self.steps_per_epoch))
         if start_step == self.steps_per_epoch:
             return
         if start_step:
-            log.info("rank %d: epoch %d resumes at step %d: reading past %d batches", self.rank, epoch,
-                     start_step, start_step)
+            log.info("rank %d: epoch %d resumes at step %d: decoding its last %d batches in Python in "
+                     "ImageRecordIter's order, without reading the records of the %d steps before", self.rank, epoch,
+                     start_step, self.steps_per_epoch - start_step, start_step)
         skipped_before = self.skipped
-        if self.uses_record_iter:
+        if self.uses_record_iter and not start_step:
             source = self._record_iter_batches(epoch)
         else:
-            source = self._python_batches(epoch, np.flatnonzero(self._good), 0, _SHUFFLE)
+            source = self._python_batches(epoch, start_step)
         try:
-            for step, (data, labels, pad) in enumerate(source):
-                if step >= start_step:
-                    yield self._finish(data, labels, pad, epoch, step)
+            for step, (data, labels, pad) in enumerate(source, start_step):
+                yield self._finish(data, labels, pad, epoch, step)
         finally:
             source.close()
         if self.skipped > skipped_before:
@@ -222,7 +226,7 @@ class RecordReader:
 
     def _record_iter_batches(self, epoch):
         """(data, labels, pad) for every step of the epoch from ImageRecordIter; Python takes over on an error."""
-        delivered, last, it = [], None, None
+        last, it = None, None
         try:
             for step in range(self.steps_per_epoch):
                 if step >= self._iter_batches:                # "pad": this part is used up, a larger one is not
@@ -233,18 +237,14 @@ class RecordReader:
                         it = self._make_iter(epoch)
                     batch = it.next()
                 except mx.base.MXNetError as err:
-                    log.warning("rank %d: epoch %d step %d: ImageRecordIter failed on %s (%s); reading the rest of "
-                                "the epoch in Python", self.rank, epoch, step, self.rec_path,
+                    log.warning("rank %d: epoch %d step %d: ImageRecordIter failed on %s (%s); decoding the rest of "
+                                "the epoch in Python, in the same order", self.rank, epoch, step, self.rec_path,
                                 str(err).strip().splitlines()[-1])
                     it = None
-                    done = np.concatenate(delivered) - self.shard[0] if delivered else np.zeros(0, np.int64)
-                    rest = np.setdiff1d(np.flatnonzero(self._good), done)
-                    yield from self._python_batches(epoch, rest, step, _FALLBACK)
+                    yield from self._python_batches(epoch, step)
                     return
                 classes, keys = rec_format.decode_iter_labels(batch.label[0].asnumpy())
-                real = self.batch_size - batch.pad
-                self._check_classes(classes[:real], keys[:real])
-                delivered.append(keys[:real])
+                self._check_classes(classes, keys)
                 data = batch.data[0].asnumpy()
                 if step == self._iter_batches - 1 < self.steps_per_epoch - 1:
                     last = (data.copy(), classes)              # kept unmirrored for the all-padding batches
@@ -265,62 +265,96 @@ class RecordReader:
             return data, np.zeros(self.batch_size, np.int64), self.batch_size
         return last[0].copy(), last[1].copy(), self.batch_size
 
-    def _python_batches(self, epoch, positions, first_step, tag):
-        """(data, labels, pad) for steps first_step .. steps_per_epoch-1, decoding the records at ``positions``
-        (indexes into this rank's part) in a seeded order; records that fail are skipped and counted."""
-        order = np.asarray(positions, np.int64)
-        if self.shuffle:
-            order = np.random.default_rng(mix_seed(self.seed, epoch, self.rank, tag)).permutation(order)
-        cursor, last = 0, None
-        for _ in range(first_step, self.steps_per_epoch):
-            images, classes = [], []
-            while len(images) < self.batch_size and cursor < len(order):
-                take = order[cursor:cursor + self.batch_size - len(images)]
-                cursor += len(take)
-                for image, class_id in self._decode(take):
-                    if image is not None:
-                        images.append(image)
-                        classes.append(class_id)
-            if not images:
+    # ------------------------------------------------------------------------------------------ Python path
+    def _python_batches(self, epoch, first_step):
+        """(data, labels, pad) for steps first_step .. steps_per_epoch-1, the batches ImageRecordIter would give,
+        decoded here; only the records of those steps are read, the next batch while the current one is used."""
+        passes = record_order.SplitterOrder(len(self._offsets), mix_seed(self.seed, epoch), self.shuffle)
+        order, next_pass = passes.next_pass(), []
+        stop = min(self._iter_batches, self.steps_per_epoch)         # steps that hold records of this part
+
+        def start(step):
+            real = order[step * self.batch_size:(step + 1) * self.batch_size]
+            if len(real) == self.batch_size:
+                return self._start_batch(real, real[:0])
+            if not next_pass:                    # round_batch: the next shuffle's first records end the part
+                next_pass.append(passes.next_pass())
+            return self._start_batch(real, next_pass[0][:self.batch_size - len(real)])
+
+        last = None
+        if 0 < stop <= first_step:                                    # all-padding steps repeat the part's last batch
+            data, labels, _ = self._finish_batch(start(stop - 1))
+            last = (data, labels)
+        pending = start(first_step) if first_step < stop else None
+        for step in range(first_step, self.steps_per_epoch):
+            if step >= stop:
                 yield self._pad_batch(last)
                 continue
-            real = len(images)
-            rows = np.arange(self.batch_size) % real              # pad rows repeat real ones
-            data = np.empty((self.batch_size, 3) + self.image_size, np.float32)
-            for i, row in enumerate(rows):
-                data[i] = images[row]
-            labels = np.asarray(classes, np.int64)[rows]
-            if cursor >= len(order):
-                last = (data.copy(), labels)                   # kept unmirrored for the all-padding batches
-            yield data, labels, self.batch_size - real
+            current, pending = pending, (start(step + 1) if step + 1 < stop else None)
+            data, labels, pad = self._finish_batch(current)
+            if step == stop - 1 < self.steps_per_epoch - 1:
+                last = (data.copy(), labels)                           # kept unmirrored for the all-padding batches
+            yield data, labels, pad
 
-    def _decode(self, positions):
-        """[(CHW uint8 image or None, class id)] of records at ``positions`` of this rank's part, decoded in
-        ``preprocess_threads`` threads (OpenCV releases the GIL)."""
+    def _start_batch(self, real, wrap):
+        """Start decoding one batch's records (positions in this part: its own, then the pad rows of round_batch)
+        in the decoding threads; returns the job for ``_finish_batch``."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max(1, self.preprocess_threads), thread_name_prefix="record-decode")
             self._file = rec_format.RecordFile(self.rec_path)
-        results = list(self._pool.map(self._decode_one, positions))
-        for position, (image, class_id, reason) in zip(positions, results):
-            if image is None:
-                self.skipped += 1
-                if self.skipped <= _LOGGED_SKIPS:
-                    log.warning("rank %d: skipped record %d of %s: %s", self.rank, self.shard[0] + position,
-                                self.rec_path, reason)
-        return [(image, class_id) for image, class_id, _ in results]
+        positions = np.concatenate([real, wrap])
+        data = np.empty((self.batch_size, 3) + self.image_size, np.float32)
+        parts = np.array_split(np.arange(len(positions)), max(1, min(self.preprocess_threads, len(positions))))
+        futures = [self._pool.submit(self._decode_rows, data, positions, rows) for rows in parts if len(rows)]
+        return data, positions, len(real), futures
 
-    def _decode_one(self, position):
-        key = self.shard[0] + int(position)
-        try:
-            flag, labels, payload = rec_format.unpack_record(self._file.read(self._offsets[position]))
-            if flag != rec_format.ITER_LABEL_WIDTH:
-                raise ValueError("flag %d, expected %d" % (flag, rec_format.ITER_LABEL_WIDTH))
-            image = rec_format.decode_image(payload, self.image_size)
-        except ValueError as err:
-            return None, -1, str(err)
-        class_id = rec_format.exact_class_id(flag, labels, "%s record %d" % (self.rec_path, key))
-        self._check_classes(np.array([class_id]), np.array([key]))
-        return image.transpose(2, 0, 1), class_id, ""
+    def _finish_batch(self, job):
+        """(data, labels, pad) of a started batch. Rows whose record is left out are dropped, the rows after them
+        move up, and the batch is filled by repeating its rows; pad counts every row that is not its own image."""
+        data, positions, num_real, futures = job
+        results = [result for future in futures for result in future.result()]
+        classes = np.array([class_id for class_id, _ in results], np.int64)
+        for position, (class_id, reason) in zip(positions, results):
+            if class_id < 0 and reason:
+                self._count_skip(position, reason)
+        rows = np.flatnonzero(classes >= 0)
+        if not rows.size:
+            return self._pad_batch(None)
+        if rows.size < self.batch_size:
+            rows = rows[np.arange(self.batch_size) % rows.size]
+            data = data[rows]
+        return data, classes[rows], self.batch_size - int((classes[:num_real] >= 0).sum())
+
+    def _count_skip(self, position, reason):
+        self.skipped += 1
+        if self.skipped <= _LOGGED_SKIPS:
+            log.warning("rank %d: skipped record %d of %s: %s", self.rank, self.shard[0] + position, self.rec_path,
+                        reason)
+
+    def _decode_rows(self, data, positions, rows):
+        """Decode the records at ``positions[rows]`` into ``data[rows]`` (in a decoding thread; OpenCV releases the
+        GIL); [(class id, "") or (-1, why it was left out)] per row. Records found damaged when the reader was
+        made give (-1, ""): they were counted then."""
+        results = []
+        for row in rows:
+            position = int(positions[row])
+            key = self.shard[0] + position
+            if not self._good[position]:
+                results.append((-1, ""))
+                continue
+            try:
+                flag, labels, payload = rec_format.unpack_record(self._file.read(self._offsets[position]))
+                if flag != rec_format.ITER_LABEL_WIDTH:
+                    raise ValueError("flag %d, expected %d" % (flag, rec_format.ITER_LABEL_WIDTH))
+                image = rec_format.decode_image(payload, self.image_size)
+            except ValueError as err:
+                results.append((-1, str(err)))
+                continue
+            class_id = rec_format.exact_class_id(flag, labels, "%s record %d" % (self.rec_path, key))
+            self._check_classes(np.array([class_id]), np.array([key]))
+            data[row] = image.transpose(2, 0, 1)
+            results.append((class_id, ""))
+        return results
 
     def close(self):
         """Stop the decoding threads of the Python path (if it ran)."""

@@ -1,4 +1,4 @@
-"""RecordReader / open_record_set: labels, pixels, sharding, determinism, damaged files."""
+"""RecordReader / open_record_set: labels, pixels, sharding, determinism, cheap exact resume, damaged files."""
 import logging
 import os
 import struct
@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from recognition.data import rec_format, record_reader
+from recognition.data import rec_format, record_order, record_reader
 
 SIZE = (112, 112)
 
@@ -177,6 +177,93 @@ def test_resume_mid_epoch_yields_the_same_batches(small_set):
     for a, b in zip(full[3:], resumed):
         assert np.array_equal(a.data.asnumpy(), b.data.asnumpy())   # images and mirror flags
         assert np.array_equal(a.label, b.label)
+
+
+def assert_same_batches(expected, got):
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        assert np.array_equal(a.data.asnumpy(), b.data.asnumpy())   # images, pad rows and mirror flags
+        assert np.array_equal(a.label, b.label) and a.pad == b.pad
+
+
+def check_resume_at_every_step(make_reader, epoch):
+    """epoch(epoch, S) of a fresh reader (a restarted process) must be the uninterrupted pass from S on, for every
+    S; returns the uninterrupted pass."""
+    full = list(make_reader().epoch(epoch))
+    assert len(full) >= 3
+    for start in range(1, len(full)):
+        assert_same_batches(full[start:], list(make_reader().epoch(epoch, start)))
+    return full
+
+
+def write_jpeg_set(folder, count):
+    """``count`` smooth colour JPEGs (4:2:0 chroma, as OpenCV writes them): what the resumed pass decodes with OpenCV
+    must be, to the bit, what ImageRecordIter decodes with its own libjpeg-turbo."""
+    prefix = os.path.join(str(folder), "train")
+    yy, xx = np.mgrid[0:SIZE[0], 0:SIZE[1]]
+    noise = np.random.default_rng(0).integers(0, 24, SIZE + (3,))
+    with rec_format.RecordSetWriter(prefix, count, SIZE, ("iter",)) as writer:
+        for key in range(count):
+            img = np.stack([2 * xx + 7 * key, 2 * yy, xx + yy + 31 * key], -1) % 200 + noise
+            writer.add(key, rec_format.encode_image(img.astype(np.uint8), "jpg", 90))
+    return prefix + "_iter.rec"
+
+
+def test_resume_on_the_record_iter_path_is_exact_at_every_step_and_rank(tmp_path):
+    rec = write_jpeg_set(tmp_path, 18)                 # 4 ranks: parts of 5, 5, 5, 3 records, batches of 2
+    pads = []
+    for rank in range(4):
+        def make():
+            return record_reader.RecordReader(rec, 2, 18, rank=rank, num_ranks=4, seed=8, last_batch="pad")
+        assert make().uses_record_iter
+        pads += [batch.pad for batch in check_resume_at_every_step(make, epoch=1)]
+    assert 1 in pads and 2 in pads                     # covered: round_batch's pad rows and an all-padding batch
+
+
+def test_resume_reads_only_the_records_from_its_step_on(small_set, monkeypatch):
+    reader = record_reader.RecordReader(small_set, 4, 69, seed=3)            # 23 records: 5 steps of 4
+    monkeypatch.setattr(reader, "_make_iter", lambda epoch: pytest.fail("a resume must not run ImageRecordIter"))
+    decoded, decode = [], rec_format.decode_image
+    monkeypatch.setattr(rec_format, "decode_image", lambda payload, size: decoded.append(1) or decode(payload, size))
+    assert len(list(reader.epoch(1, start_step=4))) == 1 and len(decoded) == 4
+    del decoded[:]
+    _, keys = collect(reader, epoch=1, start_step=2)
+    order = record_order.SplitterOrder(23, record_reader.mix_seed(3, 1)).next_pass()
+    assert len(decoded) == 12 and np.array_equal(np.concatenate(keys), order[8:20])
+
+
+def test_resume_is_exact_before_and_after_a_damaged_record(tmp_path):
+    rec = write_set(tmp_path, list(range(30)))
+    with open(rec, "r+b") as f:                        # record 11 loses its RecordIO magic
+        f.seek(int(_offsets(rec)[11]))
+        f.write(b"\0\0\0\0")
+
+    def make():
+        return record_reader.RecordReader(rec, 4, 30, seed=6, last_batch="pad")
+    assert not make().uses_record_iter
+    full = check_resume_at_every_step(make, epoch=2)
+    order = record_order.SplitterOrder(30, record_reader.mix_seed(6, 2)).next_pass()
+    step = int(np.flatnonzero(order == 11)[0]) // 4
+    assert 0 < step < len(full) - 1                    # resumes before and after the damaged record's step
+    assert full[step].pad == 1
+    mine = order[4 * step:4 * step + 4]
+    assert np.array_equal(batch_keys(full[step])[:3], mine[mine != 11])   # the others moved up, in order
+
+
+def test_resume_is_exact_before_and_after_an_undecodable_image(tmp_path):
+    rec = write_set(tmp_path, list(range(40)))
+    with open(rec, "r+b") as f:                        # record 17: framing intact, the PNG garbled
+        f.seek(int(_offsets(rec)[17]) + 8 + rec_format.IR_SIZE + 16)
+        f.write(b"\0" * 64)
+
+    def make():
+        return record_reader.RecordReader(rec, 8, 40, seed=6, last_batch="pad")
+    assert make().uses_record_iter                     # the uninterrupted pass: ImageRecordIter, then Python
+    full = check_resume_at_every_step(make, epoch=0)
+    order = record_order.SplitterOrder(40, record_reader.mix_seed(6, 0)).next_pass()
+    step = int(np.flatnonzero(order == 17)[0]) // 8
+    assert 0 < step < len(full) - 1 and full[step].pad == 1
+    assert 17 not in batch_keys(full[step])
 
 
 def test_epochs_shuffle_and_mirror_differently(small_set):
