@@ -1,0 +1,9 @@
+"""FFC (Wang et al., "An Efficient Training Approach for Very Large Scale Face Recognition", CVPR 2022): a
+dynamic class queue of Q gallery features instead of a C x D classifier (behaviour: ../shared/FFC.md).
+
+    class_queue.py  the queue as a loss operator over Horovod ranks: gather, inserts, both logit sets, gradient,
+                    keep / discard a side's changes, state_dict (``DynamicClassQueue``)
+    slot_map.py     identity -> slot map with least-recently-used eviction, planned then committed
+    queue_loss.py   one logit set's loss: ArcFace / CosFace / SV margin softmax and the hard-negative term
+"""
+from recognition.ffc.class_queue import DynamicClassQueue  # noqa: F401
