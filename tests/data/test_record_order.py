@@ -10,10 +10,8 @@ from recognition.data import rec_format, record_order, record_reader
 TINY = (8, 8)
 
 
-def reference_passes(n, seed, passes):
-    """libstdc++ 4.8's std::shuffle of 0..n-1 with std::mt19937(111 + seed), one output at a time, ``passes`` times
-    in a row on the same generator."""
-    generator = np.random.RandomState((111 + seed) % 2 ** 32)
+def reference_passes(n, passes, generator):
+    """libstdc++ 4.8's std::shuffle of 0..n-1, one output of ``generator`` at a time, ``passes`` times in a row."""
     out = []
     for _ in range(passes):
         perm = list(range(n))
@@ -29,29 +27,54 @@ def reference_passes(n, seed, passes):
     return out
 
 
+class Scripted:
+    """A stand-in generator that gives ``values`` (then zeros) as its 32-bit outputs."""
+
+    def __init__(self, values):
+        self.values, self.used = list(values), 0
+
+    def randint(self, low, high, size=None, dtype=None):
+        take = self.values[self.used:self.used + (size or 1)]
+        take += [0] * ((size or 1) - len(take))
+        self.used += size or 1
+        return np.array(take, np.uint32) if size else np.uint32(take[0])
+
+
 def test_generator_is_std_mt19937():
     # the C++ standard's check: the 10000th output of a default-constructed std::mt19937 (seed 5489) is 4123659995
     raws = np.random.RandomState(5489).randint(0, 2 ** 32, size=10000, dtype=np.uint32)
     assert raws[-1] == 4123659995
 
 
-@pytest.mark.parametrize("n, seed", [(0, 1), (1, 1), (2, 7), (23, 3), (1000, 12345), (300, 2 ** 31 - 1)])
+@pytest.mark.parametrize("n, seed", [(0, 1), (1, 1), (2, 7), (23, 3), (1000, 12345), (300, 2 ** 31 - 1),
+                                     (20000, 5)])
 def test_passes_match_the_plain_reference(n, seed):
     order = record_order.SplitterOrder(n, seed)
-    for expected in reference_passes(n, seed, 2):
+    for expected in reference_passes(n, 2, np.random.RandomState((111 + seed) % 2 ** 32)):
         assert order.next_pass().tolist() == expected
 
 
-def test_kernel_resumes_when_its_draws_run_out():
-    n, raws = 500, np.random.RandomState(9).randint(0, 2 ** 32, size=700, dtype=np.uint32).astype(np.int64)
-    whole = np.arange(n)
-    done, used = record_order._shuffle_steps(whole, raws, 1)
-    assert done == n
-    pieces, step, spent = np.arange(n), 1, 0
-    while step < n:                                          # 37 draws at a time
-        step, used_now = record_order._shuffle_steps(pieces, raws[spent:spent + 37], step)
-        spent += used_now
-    assert np.array_equal(pieces, whole) and spent == used
+def test_rejected_outputs_are_skipped_as_std_shuffle_skips_them():
+    # 2^32 - 1 is at or above the accepted range for every span that does not divide it (rare with real outputs)
+    values = np.random.RandomState(4).randint(0, 2 ** 32, size=400, dtype=np.uint32).tolist()
+    for at in (0, 1, 2, 50, 51, 120, 199, 200, 201):
+        values.insert(at, 2 ** 32 - 1)
+    order = record_order.SplitterOrder(150, 0)
+    order._generator = Scripted(values)
+    for expected in reference_passes(150, 2, Scripted(values)):
+        assert order.next_pass().tolist() == expected
+
+
+@pytest.mark.parametrize("shape", ["random", "chain", "all_to_zero", "no_swaps"])
+def test_vectorised_swaps_match_a_plain_loop(shape):
+    n = 3000
+    targets = {"random": (np.random.default_rng(1).random(n) * (np.arange(n) + 1)).astype(np.int64),
+               "chain": np.maximum(np.arange(n) - 1, 0),              # every step swaps with its neighbour
+               "all_to_zero": np.zeros(n, np.int64), "no_swaps": np.arange(n)}[shape]
+    perm = list(range(n))
+    for i in range(1, n):
+        perm[i], perm[targets[i]] = perm[targets[i]], perm[i]
+    assert record_order._apply_swaps(targets).tolist() == perm
 
 
 def test_no_shuffle_is_offset_order():
