@@ -3,9 +3,11 @@
 # `horovodrun --check-build`. Idempotent: when the stamp matches, it only re-checks imports.
 #   tools/setup_env.sh          CPU build (mxnet==1.9.1)
 #   GPU=1 tools/setup_env.sh    CUDA build (mxnet-cu112 + nvidia-*-cu11 wheels, Horovod with NCCL)
+#   tools/setup_env.sh --find-python    print the Python a new .venv would be made with, and stop
+# The venv is made with $PYTHON when set, else with the newest of python3.11, python3.10, python3.9, python3.8
+# (then python3) on PATH that is Python 3.8-3.11 and can make a venv: mxnet 1.9.1 has wheels for no other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 GPU=${GPU:-0}
 VENV=.venv
 HOROVOD_VERSION=0.28.1
@@ -14,6 +16,64 @@ REQ=requirements.txt
 
 die() { echo "setup: ERROR: $*" >&2; exit 1; }
 say() { echo "setup: $*"; }
+
+# One question to each candidate interpreter: "X.Y venv" (or "X.Y no-venv" when ensurepip is missing, as in
+# Debian's python3.X without python3.X-venv).
+PROBE='import sys
+try:
+    import ensurepip, venv
+    can = "venv"
+except ImportError:
+    can = "no-venv"
+print("%d.%d %s" % (sys.version_info[0], sys.version_info[1], can))'
+NOTES=""
+probe() { "$1" -c "$PROBE" 2>/dev/null || true; }
+supported() { case "$1" in 3.8|3.9|3.10|3.11) return 0 ;; esac; return 1; }
+usable() {   # usable CMD: Python 3.8-3.11 that can make a venv? Sets PY_VERSION; adds why not to NOTES
+  local answer
+  answer=$(probe "$1")
+  PY_VERSION=${answer% *}
+  if [ -z "$answer" ]; then NOTES+="  $1 does not run"$'\n'
+  elif ! supported "$PY_VERSION"; then NOTES+="  $1 is Python $PY_VERSION"$'\n'
+  elif [ "${answer#* }" != venv ]; then
+    NOTES+="  $1 is Python $PY_VERSION without venv/ensurepip"
+    NOTES+=" (Debian/Ubuntu: sudo apt-get install python$PY_VERSION-venv)"$'\n'
+  else return 0
+  fi
+  return 1
+}
+find_python() {   # sets PY, or stops with the commands that get a usable Python
+  if [ -n "${PYTHON:-}" ]; then
+    usable "$PYTHON" || die "PYTHON=$PYTHON cannot make the venv:
+${NOTES}mxnet 1.9.1 needs Python 3.8-3.11: point PYTHON at one, or unset it to look on PATH"
+    PY=$PYTHON
+    say "using PYTHON=$PY (Python $PY_VERSION)"
+    return
+  fi
+  local name
+  for name in python3.11 python3.10 python3.9 python3.8 python3; do
+    command -v "$name" >/dev/null 2>&1 || continue
+    if usable "$name"; then
+      PY=$(command -v "$name")
+      say "using $PY (Python $PY_VERSION, the newest usable of python3.11 .. python3.8, python3 on PATH)"
+      return
+    fi
+  done
+  die "no usable Python 3.8-3.11 on PATH (mxnet 1.9.1 has wheels for no other):
+${NOTES:-  none of python3.11, python3.10, python3.9, python3.8, python3 is on PATH
+}Get Python 3.11, then run make setup again:
+  Debian/Ubuntu:      sudo apt-get install python3.11 python3.11-venv
+                      (apt has no python3.11, e.g. Ubuntu 24.04? first:
+                       sudo add-apt-repository ppa:deadsnakes/ppa && sudo apt-get update)
+  Fedora/RHEL:        sudo dnf install python3.11
+  any Linux, no root: uv python install 3.11      (uv itself: curl -LsSf https://astral.sh/uv/install.sh | sh)
+                      then: PYTHON=\$(uv python find 3.11) make setup"
+}
+if [ "${1:-}" = "--find-python" ]; then
+  find_python
+  echo "$PY"
+  exit 0
+fi
 
 stamp_of() { cat "$REQ" "$0" | sha256sum | cut -c1-16; echo "gpu=$GPU horovod=$HOROVOD_VERSION"; }
 STAMP_FILE=$VENV/.setup-stamp
@@ -25,9 +85,16 @@ if [ -f "$STAMP_FILE" ] && [ "$(cat "$STAMP_FILE")" = "$(stamp_of)" ] \
   exit 0
 fi
 
-"$PYTHON" -c 'import sys; assert (3, 8) <= sys.version_info[:2] <= (3, 11), sys.version' \
-  || die "$PYTHON is not Python 3.8-3.11 (mxnet 1.9.1 wheels); set PYTHON=/path/to/python3.11"
-[ -x "$VENV/bin/python" ] || { say "creating $VENV"; "$PYTHON" -m venv "$VENV"; }
+if [ -x "$VENV/bin/python" ]; then
+  VENV_VERSION=$(probe "$VENV/bin/python")
+  VENV_VERSION=${VENV_VERSION% *}
+  supported "$VENV_VERSION" || die "$VENV/bin/python is not Python 3.8-3.11 (${VENV_VERSION:+it is }${VENV_VERSION:-it \
+does not run}): remove $VENV (rm -rf $VENV) and run make setup again"
+else
+  find_python
+  say "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
 PIP="$VENV/bin/python -m pip"
 $PIP install -q "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 say "installing $REQ"
