@@ -4,10 +4,19 @@ records/s of the two ways to read a record by key (mx.recordio.MXIndexedRecordIO
     python tools/make_synthetic.py /tmp/x --identities 300 --images 20       # the demo-sized set
     OMP_NUM_THREADS=1 python tools/benchmark_id_loader.py /tmp/x [--batch-size 64] [--images 12000] [--rounds 3]
 
+    python tools/benchmark_id_loader.py --index-scale 17091657 --identities 360232    # Glint360K's counts
+
 One process, one rank. Every reader setting (id loader / RecordReader, 1 and 2 decoding threads) is timed in
 each of --rounds rounds, the settings interleaved so the machine's load hits them alike; the table gives each
 setting's best round. A timed run reads at least --images images (whole passes / epochs, the reader made
 beforehand and not timed) and counts both of the id loader's images per identity. Prints a table and one JSON line.
+
+--index-scale N: the identity index at scale instead. Writes N records of 56 bytes (RecordIO framing, the
+images-only header and labels, an 8-byte payload: no image) of --identities classes in a random order into a
+temporary folder (in a child process), then times reading the .idx, building the index from the record headers,
+writing it, reading it back, making an IdentityLoader from the file (offsets of every key) and, for comparison,
+opening the file with mx.recordio.MXIndexedRecordIO (a Python dict of every key); wall and CPU seconds (the CPU
+figure is the one to trust on a loaded machine) and the peak memory (max RSS) after each stage.
 """
 import argparse
 import json
@@ -70,13 +79,79 @@ def time_reads(rec, count, seed=0):
     return {"mx_indexed_rec_s": count / mx_s, "record_file_rec_s": count / ours_s, "mx_open_s": open_s}
 
 
+def write_header_only_set(folder, num_records, num_identities, seed=0):
+    """An images-only .rec/.idx of ``num_records`` payload-less-image records (8 zero bytes each), built with
+    NumPy in one pass; returns the .rec path."""
+    from recognition.data import rec_format
+    record = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                       ("id2", "<u8"), ("labels", "<f4", 4), ("payload", "u1", 8)])
+    classes = np.random.default_rng(seed).integers(0, num_identities, num_records)
+    keys = np.arange(num_records, dtype=np.int64)
+    data = np.zeros(num_records, record)
+    data["magic"], data["lrec"] = rec_format.MAGIC, record.itemsize - 8
+    data["flag"], data["id"] = rec_format.ITER_LABEL_WIDTH, keys
+    data["labels"] = np.stack([classes % rec_format.LABEL_SPLIT, classes // rec_format.LABEL_SPLIT,
+                               keys % rec_format.LABEL_SPLIT, keys // rec_format.LABEL_SPLIT], 1)
+    rec = os.path.join(folder, "train_iter.rec")
+    data.tofile(rec)
+    with open(rec_format.index_path(rec), "w") as f:
+        for lo in range(0, num_records, 1 << 20):
+            f.write("".join("%d\t%d\n" % (k, k * record.itemsize) for k in range(lo, min(lo + (1 << 20), num_records))))
+    return rec
+
+
+def index_scale(num_records, num_identities, tmp_dir=None):
+    """Wall and CPU seconds of each stage of the identity index on a ``num_records``-record file, and the peak
+    memory (max RSS, MB) after each; the file is made in a child process, so it weighs on no figure here."""
+    import multiprocessing
+    import resource
+    import tempfile
+    import mxnet as mx
+    from recognition.data import identity_index, rec_format
+    from recognition.data.id_loader import IdentityLoader
+    figures = {"records": num_records, "identities": num_identities}
+    with tempfile.TemporaryDirectory(prefix="bench-index-", dir=tmp_dir) as folder:
+        child = multiprocessing.get_context("fork").Process(target=write_header_only_set,
+                                                            args=(folder, num_records, num_identities))
+        child.start()
+        child.join()
+        if child.exitcode:
+            raise RuntimeError("making the test file failed (exit code %d)" % child.exitcode)
+        rec = os.path.join(folder, "train_iter.rec")
+        idx = rec_format.index_path(rec)
+        stages = [("read_idx", lambda: rec_format.read_index(idx)),
+                  ("build", lambda: identity_index.scan(rec, progress=False)),
+                  ("build_and_write", lambda: identity_index.load(rec, progress=False)),
+                  ("read_fresh", lambda: identity_index.load(rec, progress=False)),
+                  ("loader_open", lambda: IdentityLoader(rec, 128, num_ranks=8, progress=False).close()),
+                  ("mx_indexed_open", lambda: mx.recordio.MXIndexedRecordIO(idx, rec, "r").close())]
+        for name, stage in stages:
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = stage()
+            figures[name] = {"wall_s": round(time.perf_counter() - wall, 2),
+                             "cpu_s": round(time.process_time() - cpu, 2),
+                             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            if name == "build":
+                figures["indexed"], figures["left_out"] = len(result.keys), result.left_out
+        figures["index_file_mb"] = round(os.path.getsize(identity_index.index_file(rec)) / 2 ** 20, 1)
+    return figures
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data_dir", help="folder with train_iter.rec/.idx and property (tools/make_synthetic.py)")
+    p.add_argument("data_dir", nargs="?", help="folder with train_iter.rec/.idx and property (make_synthetic.py)")
     p.add_argument("--batch-size", type=int, default=64, help="identities (id loader) / images (RecordReader)")
     p.add_argument("--images", type=int, default=12000, help="images a timed run reads at least")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--index-scale", type=int, metavar="N", help="time the identity index on N records instead")
+    p.add_argument("--identities", type=int, default=360232, help="classes of --index-scale's records")
+    p.add_argument("--tmp-dir", help="where --index-scale writes its file (default: the system's)")
     args = p.parse_args(argv)
+    if args.index_scale:
+        print(json.dumps(index_scale(args.index_scale, args.identities, args.tmp_dir)))
+        return
+    if not args.data_dir:
+        p.error("give DATA_DIR, or --index-scale N")
     from tqdm import tqdm
     from recognition.data import identity_index
     from recognition.data.record_reader import open_record_set

@@ -70,20 +70,28 @@ class IdentityLoader:
         self.skipped = 0              # records that failed to read or decode, each time a step met them
         self.replaced = 0             # identities without a decodable image, each time a step met them
         self._file = rec_format.RecordFile(rec_path)
+        try:
+            self._check_image_size()
+        except ValueError:
+            self._file.close()
+            raise
         self._decoders = ThreadPoolExecutor(self.decode_threads, "id-decode") if self.decode_threads > 1 else None
         self._producer = ThreadPoolExecutor(1, "id-batches")
         self._order_cache = (None, None)
-        self._check_image_size()
 
     def _record_offsets(self):
         """Byte offset of every record of the index, aligned with ``index.keys``; ValueError naming the file if
         the index names a key the ``.idx`` does not have."""
         idx_path = rec_format.index_path(self.rec_path)
         idx_keys, offsets = rec_format.read_index(idx_path)
-        by_key = np.argsort(idx_keys, kind="stable")
-        idx_keys, offsets = idx_keys[by_key], offsets[by_key]
+        if np.any(idx_keys[1:] < idx_keys[:-1]):      # the tools write keys in order: the common case skips this
+            by_key = identity_index.stable_order(idx_keys)
+            idx_keys, offsets = idx_keys[by_key], offsets[by_key]
         wanted = self.index.keys.astype(np.int64)
-        at = np.minimum(np.searchsorted(idx_keys, wanted), len(idx_keys) - 1)
+        if idx_keys[-1] - idx_keys[0] == len(idx_keys) - 1:       # keys k0 .. k0 + N - 1 (the tools' 0 .. N-1)
+            at = np.clip(wanted - idx_keys[0], 0, len(idx_keys) - 1)
+        else:
+            at = np.minimum(np.searchsorted(idx_keys, wanted), len(idx_keys) - 1)
         missing = np.flatnonzero(idx_keys[at] != wanted)
         if missing.size:
             raise ValueError("%s: the identity index names key %d, which %s does not have (%d such keys): delete %s "
