@@ -3,24 +3,24 @@
 Pass p visits the identities of the index (``identity_index``: identity -> record keys of ``PREFIX_iter.rec``)
 once, in an order drawn from (seed, p). With P ranks of B identities, global step t takes the identities at
 positions [t * P * B, (t + 1) * P * B) of that order and rank r the r-th B of them, so every rank has the same
-``steps_per_pass`` = C // (P * B); the last C mod (P * B) identities of the order wait for another pass. For
+``steps_per_pass`` = C // (P * B); the last C mod (P * B) identities of the order sit that pass out. For
 every identity of the global step two different images (the same one twice if it has only one) and a mirror
 flag per image are drawn from (seed, p, t): what a rank returns at (p, t) is a pure function of (file, seed,
 p, t, rank, P, B), and the global batch of a step is the same for any P at one global size P * B.
 ``batches(p, start_step=S)`` starts at step S without reading anything before it.
 
-Records are read by key with ``rec_format.RecordFile`` (``os.pread``: the decoding threads share one file
-descriptor; ``mx.recordio.MXIndexedRecordIO`` seeks a shared handle, so it would need a lock, and keeps its
-index as a Python dict of every key) and decoded in ``decode_threads`` threads (OpenCV releases the GIL); one
-producer thread builds step t + 1 while the trainer works on step t. A record that does not read or decode is
-skipped, counted and logged; another image of its identity takes its place (the next one in key order, kept
-different from the pair's other image while another decodes); an identity none of whose images decodes is
-replaced by the next identity of the pass order that has one. Such a file still gives the same batches on
-every run, as decoding fails the same way each time.
+Records are read by key with ``rec_format.RecordFile``: ``os.pread`` lets the decoding threads share one file
+descriptor, where ``mx.recordio.MXIndexedRecordIO`` seeks a shared handle (it would need a lock) and parses its
+``.idx`` into a Python dict of every key (slower to read and to open: docs/benchmarks.md). Images are decoded in
+``decode_threads`` threads (OpenCV releases the GIL): a producer thread, which builds step t + 1 while the
+trainer works on step t, and ``decode_threads - 1`` helpers. A record that does not read or decode is skipped,
+counted and logged; another image of its identity takes its place (the next one in key order, kept different
+from the pair's other image while another decodes); an identity none of whose images decodes is replaced by
+the next identity of the pass order that has one. Such a file still gives the same batches on every run, as
+decoding fails the same way each time.
 """
 import collections
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
@@ -75,7 +75,7 @@ class IdentityLoader:
         except ValueError:
             self._file.close()
             raise
-        self._decoders = ThreadPoolExecutor(self.decode_threads, "id-decode") if self.decode_threads > 1 else None
+        self._decoders = ThreadPoolExecutor(self.decode_threads - 1, "id-decode") if self.decode_threads > 1 else None
         self._producer = ThreadPoolExecutor(1, "id-batches")
         self._order_cache = (None, None)
 
@@ -163,10 +163,7 @@ class IdentityLoader:
         outs = [np.empty((self.batch_size, 3) + self.image_size, np.float32) for _ in range(2)]
         jobs = [(outs[side], row, entries[row, side], self.index.class_ids[ids[row]], flips[row, side])
                 for row in range(self.batch_size) for side in (0, 1)]
-        if self._decoders is None:
-            reasons = [self._decode_into(*job) for job in jobs]
-        else:
-            reasons = list(self._decoders.map(lambda job: self._decode_into(*job), jobs))
+        reasons = self._decode_all(jobs)
         failed = collections.defaultdict(dict)                             # row -> {entry: reason}
         for (_, row, entry, _, _), reason in zip(jobs, reasons):
             if reason:
@@ -179,6 +176,20 @@ class IdentityLoader:
                 labels[row], entries[row] = self._replace(outs, row, pass_index, step, flips[row])
         keys = self.index.keys[entries].astype(np.int64)
         return outs[0], outs[1], labels, keys
+
+    def _decode_all(self, jobs):
+        """Reasons ('' = decoded) of ``_decode_into(*job)`` for every job: the producer thread takes one share of
+        the jobs, each helper thread another (one hand-off per thread and step, not per image)."""
+        shares = [jobs[i::self.decode_threads] for i in range(self.decode_threads)]     # interleaved: balanced
+
+        def decode(share):
+            return [self._decode_into(*job) for job in share]
+        helpers = [self._decoders.submit(decode, share) for share in shares[1:]] if self._decoders else []
+        reasons = [None] * len(jobs)
+        reasons[0::self.decode_threads] = decode(shares[0])
+        for i, helper in enumerate(helpers, start=1):
+            reasons[i::self.decode_threads] = helper.result()
+        return reasons
 
     def _repair(self, outs, row, ident, entries, flips, bad):
         """Fill the failed sides of ``row`` with other images of identity ``ident`` (the next ones in key
