@@ -77,3 +77,19 @@ def test_command_line_from_the_repository_root(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.startswith("plot_log: error: no such log file")
+
+
+def test_compare_draws_several_runs_against_wall_time(tmp_path, capsys):
+    import matplotlib.image
+    first, second, out = str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), str(tmp_path / "both.png")
+    write_log(first)
+    write_log(second)
+    series = plot_log.load_series(first)
+    assert np.all(np.diff(series["time"]) >= 0) and series["eval_time"]["lfw"].shape == (2,)
+    assert plot_log.main(["--compare", "pfc=" + first, "ffc=" + second, out]) == 0
+    assert matplotlib.image.imread(out).shape[:2] == (640, 800)
+    assert "2 runs" in capsys.readouterr().out
+    assert plot_log.main(["--compare", first, out]) == 2                      # no LABEL=
+    assert "LABEL=LOG" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        plot_log.main([first, second, out])                                  # three paths without --compare

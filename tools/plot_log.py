@@ -1,10 +1,13 @@
 """Plot a training log (the JSON lines recognition/progress.py writes) as a PNG for the README.
 
     python tools/plot_log.py models/synthetic_mbf_arcface/train_log.jsonl docs/training.png
+    python tools/plot_log.py --compare pfc=demo_output/model/train_log.jsonl \
+        ffc=demo_output/model_ffc/train_log.jsonl docs/demo_pfc_vs_ffc.png
 
 Top panel: loss (left axis) and learning rate (right axis) against the step. Bottom panel, when the log holds
 verification results: accuracy of every set against the step. A resumed run's repeated steps are taken from
-the resumed part only.
+the resumed part only. ``--compare LABEL=LOG ...`` draws several runs (e.g. two training methods, whose steps
+differ in cost) against the wall time since each run's first step: loss on top, accuracy below.
 """
 import argparse
 import io
@@ -39,7 +42,13 @@ def load_series(path):
             evals.setdefault(name, ([], []))
             evals[name][0].append(record["step"])
             evals[name][1].append(np.nan if scores.get("accuracy") is None else scores["accuracy"])
+    times = {}
+    for record in history:
+        if "time" in record and "step" in record:
+            times.setdefault(record["step"], record["time"])
     return {"step": column("step", train), "loss": column("loss", train), "lr": column("lr", train),
+            "time": column("time", train), "eval_time": {k: np.array([times.get(step, np.nan) for step in s])
+                                                         for k, (s, _) in evals.items()},
             "eval": {k: (np.array(s, np.float64), np.array(a, np.float64)) for k, (s, a) in sorted(evals.items())}}
 
 
@@ -75,14 +84,57 @@ def plot(series, out_path, title=None):
     atomic_write_bytes(out_path, buffer.getvalue())
 
 
+def plot_compare(runs, out_path, title=None):
+    """Draw several runs ({label: series}) against minutes since each run's first logged step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 6.4), sharex=True)
+    for label, series in runs.items():
+        start = np.nanmin(series["time"])
+        line, = loss_ax.plot((series["time"] - start) / 60, series["loss"], label=label)
+        for name, (_, accuracy) in series["eval"].items():
+            acc_ax.plot((series["eval_time"][name] - start) / 60, accuracy, marker="o", color=line.get_color(),
+                        label="%s %s" % (label, name))
+    loss_ax.set_ylabel("training loss (each method's own)")
+    acc_ax.set_ylabel("verification accuracy")
+    acc_ax.set_xlabel("minutes of training")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        loss_ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(out_path, buffer.getvalue())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Plot loss / lr / verification accuracy of a training log.")
-    parser.add_argument("log", help="train_log.jsonl written by recognition/train.py")
-    parser.add_argument("out", help="PNG file to write")
+    parser.add_argument("paths", nargs="+", metavar="LOG OUT",
+                        help="train_log.jsonl written by recognition/train.py and the PNG to write; with --compare: "
+                        "LABEL=LOG ... OUT")
     parser.add_argument("--title", help="title above the plot")
+    parser.add_argument("--compare", action="store_true", help="several runs against wall time")
     args = parser.parse_args(argv)
+    if len(args.paths) < 2 or (not args.compare and len(args.paths) != 2):
+        parser.error("give LOG OUT, or --compare LABEL=LOG [LABEL=LOG ...] OUT")
+    args.out = args.paths[-1]
     try:
-        series = load_series(args.log)
+        if args.compare:
+            runs = {}
+            for item in args.paths[:-1]:
+                label, sep, path = item.partition("=")
+                if not sep or not label:
+                    raise ValueError("--compare takes LABEL=LOG, got %r" % item)
+                runs[label] = load_series(path)
+            plot_compare(runs, args.out, title=args.title)
+            print("plot_log: %d runs -> %s" % (len(runs), args.out))
+            return 0
+        series = load_series(args.paths[0])
     except (OSError, ValueError) as err:
         sys.stderr.write("plot_log: error: %s\n" % err)
         return 2
