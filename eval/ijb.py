@@ -43,7 +43,7 @@ ARCFACE_LANDMARKS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 
                               [41.5493, 92.3655], [70.7299, 92.2041]])      # eyes, nose tip, mouth corners (x, y)
 FAR_LEVELS = (("1e-06", 1e-6), ("1e-05", 1e-5), ("1e-04", 1e-4), ("0.001", 1e-3), ("0.01", 1e-2), ("0.1", 1e-1))
 TARGETS = ("IJBB", "IJBC")
-_PAIR_CHUNK = 100000        # pairs scored at a time (two gathered feature blocks of this many rows)
+_GRAM_BLOCK = 1 << 24       # entries (float32) of one block of the template Gram matrix: 64 MB
 
 IJBMeta = collections.namedtuple("IJBMeta", "names templates medias landmarks detector_scores pairs labels")
 
@@ -56,10 +56,13 @@ def meta_paths(data_dir, target):
             "landmarks": prefix + "_name_5pts_score.txt"}
 
 
+def _field_count_error(path, number, width, what, line):
+    return ValueError("%s line %d: expected %d fields (%s), found %d: %r"
+                      % (path, number, width, what, len(line.split()), line.strip()[:200]))
+
+
 def _rows(path, width, what):
     """[(line number, fields)] of the non-blank lines of ``path``, each with exactly ``width`` fields."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError("IJB meta file not found: %s" % path)
     rows = []
     with open(path) as f:
         for number, line in enumerate(f, 1):
@@ -67,8 +70,7 @@ def _rows(path, width, what):
             if not fields:
                 continue
             if len(fields) != width:
-                raise ValueError("%s line %d: expected %d fields (%s), found %d: %r"
-                                 % (path, number, width, what, len(fields), line.strip()[:200]))
+                raise _field_count_error(path, number, width, what, line)
             rows.append((number, fields))
     if not rows:
         raise ValueError("%s holds no lines" % path)
@@ -87,47 +89,64 @@ def _numbers(path, number, fields, kind):
     return values
 
 
+def _table(path, width, what, kind, named):
+    """(names, line numbers, values (N, width - 1) of ``kind``) of the non-blank lines of ``path``, whose first
+    field is a name when ``named``; else (None, None, values (N, width)). The numbers go through NumPy's C
+    reader (IJB-C has 15.7 M pair lines); only when it fails does a line-by-line pass find and name the bad
+    line. Names are read, and field counts checked, by a light pass of their own."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("IJB meta file not found: %s" % path)
+    names = lines = None
+    if named:
+        names, lines = [], []
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                fields = line.split()
+                if fields:
+                    if len(fields) != width:
+                        raise _field_count_error(path, number, width, what, line)
+                    names.append(fields[0])
+                    lines.append(number)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)            # an empty file: reported below
+            warnings.simplefilter("error", DeprecationWarning)      # an integer written as '1.5' is refused
+            values = np.loadtxt(path, dtype=np.int64 if kind is int else np.float64, ndmin=2, comments=None,
+                                usecols=range(1, width) if named else None)
+        if not len(values) or values.shape != (len(names) if named else len(values), width - named):
+            raise ValueError("not a table of %d columns" % width)
+    except (ValueError, DeprecationWarning):
+        rows = _rows(path, width, what)                             # raises, naming the line
+        values = np.array([_numbers(path, number, fields[int(named):], kind) for number, fields in rows])
+    return names, lines, values
+
+
 def read_faces(path):
     """(names, templates int64, medias int64, line numbers) of a face_tid_mid file."""
-    rows = _rows(path, 3, "image_name template_id media_id")
-    ids = np.array([_numbers(path, number, fields[1:], int) for number, fields in rows], np.int64)
-    return [fields[0] for _, fields in rows], ids[:, 0], ids[:, 1], [number for number, _ in rows]
+    names, lines, ids = _table(path, 3, "image_name template_id media_id", int, named=True)
+    return names, ids[:, 0], ids[:, 1], lines
 
 
 def read_landmarks(path):
     """(names, landmarks float64 (N, 5, 2), detector scores float64 (N,), line numbers) of a name_5pts_score
     file; landmarks that are not finite or all coincide (no transform fits them) are refused."""
-    rows = _rows(path, 12, "image_name x1 y1 ... x5 y5 detector_score")
-    values = np.array([_numbers(path, number, fields[1:], float) for number, fields in rows], np.float64)
+    names, lines, values = _table(path, 12, "image_name x1 y1 ... x5 y5 detector_score", float, named=True)
     landmarks = values[:, :10].reshape(-1, 5, 2)
     spread = np.abs(landmarks - landmarks.mean(1, keepdims=True)).max((1, 2))
     bad = np.flatnonzero(~np.isfinite(values).all(1) | ~(spread > 1e-6))
     if len(bad):
-        number, fields = rows[bad[0]]
         raise ValueError("%s line %d: the landmarks or score of %s are not finite, or the 5 points coincide"
-                         % (path, number, fields[0]))
-    return [fields[0] for _, fields in rows], landmarks, values[:, 10], [number for number, _ in rows]
+                         % (path, lines[bad[0]], names[bad[0]]))
+    return names, landmarks, values[:, 10], lines
 
 
 def read_pairs(path):
-    """(pairs int64 (P, 2) of template ids, labels int64 (P,) of 0 / 1) of a template_pair_label file. IJB-C
-    has 15.7 M pairs: NumPy's C reader parses them; the line-by-line reader only runs when that one fails, to
-    name the bad line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError("IJB meta file not found: %s" % path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")         # an empty file: reported below, by the line reader
-            table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
-        if table.shape[1:] != (3,) or not len(table) or not np.isin(table[:, 2], (0, 1)).all():
-            raise ValueError("not a 3-column 0/1-labelled table")
-    except ValueError:
-        rows = _rows(path, 3, "template1 template2 label")
-        table = np.array([_numbers(path, number, fields, int) for number, fields in rows], np.int64)
-        bad = np.flatnonzero(~np.isin(table[:, 2], (0, 1)))
-        if len(bad):
-            raise ValueError("%s line %d: the label must be 0 or 1, found %d"
-                             % (path, rows[bad[0]][0], table[bad[0], 2]))
+    """(pairs int64 (P, 2) of template ids, labels int64 (P,) of 0 / 1) of a template_pair_label file."""
+    _, _, table = _table(path, 3, "template1 template2 label", int, named=False)
+    bad = np.flatnonzero((table[:, 2] != 0) & (table[:, 2] != 1))
+    if len(bad):
+        raise ValueError("%s line %d: the label must be 0 or 1, found %d"
+                         % (path, _pair_line(path, bad[0]), table[bad[0], 2]))
     return table[:, :2], table[:, 2]
 
 
@@ -161,10 +180,12 @@ def read_meta(data_dir, target):
         order = np.array([where[name] for name in names])
         landmarks, scores = landmarks[order], scores[order]
     pairs, labels = read_pairs(paths["pairs"])
-    unknown = np.flatnonzero(~np.isin(pairs, np.unique(templates)).all(1))
+    template_ids = np.unique(templates)
+    found = template_ids[np.minimum(np.searchsorted(template_ids, pairs), len(template_ids) - 1)] == pairs
+    unknown = np.flatnonzero(~found.all(1))       # (a binary search: np.isin would sort all 31 M ids of IJB-C)
     if len(unknown):
         first = unknown[0]
-        template = pairs[first][~np.isin(pairs[first], templates)][0]
+        template = pairs[first][~found[first]][0]
         raise ValueError("%s line %d: template %d has no images in %s"
                          % (paths["pairs"], _pair_line(paths["pairs"], first), template, paths["faces"]))
     if labels.min() == labels.max():
@@ -261,39 +282,46 @@ def image_features(embeddings, detector_scores, norm_score=True, detector_score=
     return features
 
 
-def _group_starts(*keys):
-    """Start indices of the runs of equal key tuples in sorted ``keys``."""
-    change = np.zeros(len(keys[0]), bool)
-    change[0] = True
-    for key in keys:
-        change[1:] |= key[1:] != key[:-1]
-    return np.flatnonzero(change)
-
-
 def template_features(features, templates, medias):
     """(template ids int64 (T,), ascending; float32 (T, D) unit template features): per template, the mean
-    feature of each of its media, summed over the media, L2-normalised (an all-zero template stays zero)."""
-    order = np.lexsort((medias, templates))
-    templates, medias = np.asarray(templates)[order], np.asarray(medias)[order]
-    media_starts = _group_starts(templates, medias)
-    media_sums = np.add.reduceat(np.asarray(features)[order], media_starts, axis=0, dtype=np.float64)
-    media_sums /= np.diff(np.append(media_starts, len(order)))[:, None]
-    media_templates = templates[media_starts]
-    template_starts = _group_starts(media_templates)
-    pooled = np.add.reduceat(media_sums, template_starts, axis=0)
-    pooled /= np.maximum(np.sqrt(np.einsum("ij,ij->i", pooled, pooled)), NORM_EPS)[:, None]
-    return media_templates[template_starts], pooled.astype(np.float32)
+    feature of each of its media, summed over the media, L2-normalised (an all-zero template stays zero). One
+    sparse product does it: image i weighs 1 / (images of its media in its template) in its template's row."""
+    from scipy import sparse
+    template_ids, template_rows = np.unique(templates, return_inverse=True)
+    _, media_groups, media_sizes = np.unique(np.stack([templates, medias], 1), axis=0, return_inverse=True,
+                                             return_counts=True)
+    weights = (1.0 / media_sizes[media_groups.ravel()]).astype(np.float32)
+    pooling = sparse.csr_matrix((weights, (template_rows.ravel(), np.arange(len(weights)))),
+                                shape=(len(template_ids), len(weights)))
+    pooled = np.asarray(pooling @ np.asarray(features, np.float32), np.float32)
+    pooled /= np.maximum(np.sqrt(np.einsum("ij,ij->i", pooled, pooled, dtype=np.float64)), NORM_EPS
+                         ).astype(np.float32)[:, None]
+    return template_ids, pooled
 
 
 def pair_scores(template_ids, template_feats, pairs):
     """float32 (P,) cosine of the two templates of every pair (template ids looked up in ascending
-    ``template_ids``)."""
+    ``template_ids``). Pairs are grouped by their first template; a block of first templates whose pairs are
+    dense gets its whole row of the Gram matrix from one oneDNN product (IJB-C: 15.7 M pairs over 23 k
+    templates), a sparse one gathers its pairs' features."""
+    import mxnet as mx
     rows = np.searchsorted(template_ids, pairs)
+    order = np.argsort(rows[:, 0], kind="stable")
+    first = rows[order, 0]
+    count = len(template_ids)
+    step = max(1, _GRAM_BLOCK // count)
     scores = np.empty(len(pairs), np.float32)
-    for start in range(0, len(pairs), _PAIR_CHUNK):
-        chunk = rows[start:start + _PAIR_CHUNK]
-        scores[start:start + len(chunk)] = np.einsum("ij,ij->i", template_feats[chunk[:, 0]],
-                                                     template_feats[chunk[:, 1]])
+    every = mx.nd.array(template_feats)
+    for start in range(0, count, step):
+        low, high = np.searchsorted(first, [start, start + step])
+        chosen = order[low:high]
+        a, b = rows[chosen, 0], rows[chosen, 1]
+        # few pairs: gathering their rows beats the block product (and stays under 2 x 128 MB)
+        if len(chosen) < min(65536, min(step, count - start) * count / 64):
+            scores[chosen] = np.einsum("ij,ij->i", template_feats[a], template_feats[b])
+        elif len(chosen):
+            block = mx.nd.FullyConnected(every[start:start + step], every, no_bias=True, num_hidden=count)
+            scores[chosen] = block.asnumpy()[a - start, b]
     return scores
 
 

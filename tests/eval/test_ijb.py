@@ -157,6 +157,25 @@ def test_pooling_and_pair_scores_match_loops():
     assert scores[3] == 0 and scores[2] == pytest.approx(1, abs=1e-6)
 
 
+@pytest.mark.parametrize("block", [1 << 24, 200 * 16])
+def test_pair_scores_gathered_or_from_gram_blocks_match_a_loop(monkeypatch, block):
+    """200 templates: 300 pairs are few enough to gather their rows, 20000 take the Gram-block product; with a
+    small block (16 first templates at a time) the 20000 mix the two ways: the block of the first template that
+    holds nearly all pairs is a product, the others gather."""
+    monkeypatch.setattr(ijb, "_GRAM_BLOCK", block)
+    rng = np.random.default_rng(4)
+    ids = np.sort(rng.choice(10 ** 6, 200, replace=False))
+    feats = rng.normal(size=(200, 12)).astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    for count in (300, 20000):
+        rows = rng.integers(0, 200, (count, 2))
+        if count > 300:
+            rows[rng.random(count) < 0.995, 0] = 7          # one dense first template, the others sparse
+        scores = ijb.pair_scores(ids, feats, ids[rows])
+        expected = [feats[a].astype(np.float64) @ feats[b] for a, b in rows]
+        np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ ROC
 @pytest.mark.parametrize("seed, rounding", [(0, None), (1, 2), (2, 1)])
 def test_tar_table_and_auc_match_the_reference(seed, rounding):
@@ -204,7 +223,8 @@ GOOD_PAIRS = ["1 2 0", "1 1 1"]
 
 
 def test_meta_is_read_and_joined_by_name(tmp_path):
-    root = write_meta(tmp_path, GOOD_FACES, GOOD_MARKS[::-1], ["", "1 2 0", "", "1 1 1"])
+    root = write_meta(tmp_path, GOOD_FACES[:1] + ["", "  "] + GOOD_FACES[1:], GOOD_MARKS[::-1],
+                      ["", "1 2 0", "", "1 1 1"])
     meta = ijb.read_meta(root, "IJBC")
     assert meta.names == ["a.jpg", "b.jpg", "c.jpg"]
     assert meta.templates.tolist() == [1, 1, 2] and meta.medias.tolist() == [10, 11, 12]
@@ -216,6 +236,10 @@ def test_meta_is_read_and_joined_by_name(tmp_path):
 @pytest.mark.parametrize("faces, marks, pairs, message", [
     (["a.jpg 1"] + GOOD_FACES[1:], GOOD_MARKS, GOOD_PAIRS, r"face_tid_mid\.txt line 1: expected 3 fields"),
     (GOOD_FACES[:2] + ["c.jpg x 12"], GOOD_MARKS, GOOD_PAIRS, r"face_tid_mid\.txt line 3: 'x' is not an integer"),
+    (GOOD_FACES[:1] + ["", "b.jpg 1.5 11"] + GOOD_FACES[2:], GOOD_MARKS, GOOD_PAIRS,
+     r"face_tid_mid\.txt line 3: '1\.5' is not an integer"),
+    (GOOD_FACES, GOOD_MARKS[:2] + [mark_line("c.jpg", score=float("nan"))], GOOD_PAIRS,
+     r"name_5pts_score\.txt line 3: the landmarks or score of c\.jpg are not finite"),
     (GOOD_FACES, GOOD_MARKS[:1] + ["b.jpg 1 2 3"] + GOOD_MARKS[2:], GOOD_PAIRS,
      r"name_5pts_score\.txt line 2: expected 12 fields"),
     (GOOD_FACES, GOOD_MARKS[:2] + [mark_line("c.jpg").replace("38.29", "nope")], GOOD_PAIRS,
@@ -229,6 +253,8 @@ def test_meta_is_read_and_joined_by_name(tmp_path):
     (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2"], r"template_pair_label\.txt line 2: expected 3 fields"),
     (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2 one"], r"template_pair_label\.txt line 2: 'one' is not an integer"),
     (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2 3"], r"template_pair_label\.txt line 2: the label must be 0 or 1"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2 1.0"], r"template_pair_label\.txt line 2: '1\.0' is not an integer"),
+    (GOOD_FACES, GOOD_MARKS, ["1 2 0", "1 2 1 0"], r"template_pair_label\.txt line 2: expected 3 fields"),
     (GOOD_FACES, GOOD_MARKS, ["1 2 0", "", "2 7 1"], r"template_pair_label\.txt line 3: template 7 has no images"),
     (GOOD_FACES, GOOD_MARKS, ["1 2 0", "2 1 0"], r"every pair is labelled 0"),
     (GOOD_FACES, GOOD_MARKS, [""], r"template_pair_label\.txt holds no lines"),
