@@ -15,6 +15,7 @@ import mxnet as mx
 
 from recognition import dist
 from recognition.loss_scale import DynamicLossScaler
+from recognition.pretrained import load_pretrained, on_every_rank
 
 log = logging.getLogger("recognition.train")
 
@@ -39,6 +40,9 @@ def broadcast_params(arg, aux, prefix):
 class Backbone:
     """The backbone module, its SGD optimizer (Horovod-distributed) and the optional float16 loss scaler.
 
+    It starts from Xavier initialisation, or from the legacy checkpoint ``cfg.pretrained`` ('PREFIX,EPOCH',
+    ``recognition/pretrained.py``), loaded on every rank; then rank 0's values are broadcast.
+
     ``batch_size`` is the number of rows one forward takes on this rank. ``accumulate=True`` binds the gradients
     with ``grad_req='add'`` so several backward passes of one step add up (FFC runs two); ``update`` then applies
     the sum and clears it.
@@ -55,6 +59,11 @@ class Backbone:
         mx.random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         module.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
+        if cfg.get("pretrained"):   # before any training method sees the backbone (FFC copies it at attach)
+            arg, aux = module.get_params()
+            partial = bool(cfg.get("pretrained_partial"))
+            on_every_rank(lambda: load_pretrained(cfg.pretrained, arg, aux, partial, cfg.network), "backbone")
+            module.set_params(arg, aux)
         if self.size > 1:   # identical start everywhere, whatever each rank's initialiser did
             arg, aux = module.get_params()
             broadcast_params(arg, aux, prefix="")

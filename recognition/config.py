@@ -24,7 +24,7 @@ DATA_ROOT_ENV = "PFC_DATA_ROOT"
 READERS = ("record", "synthetic")
 LR_MODES = ("step", "poly")
 BANK_LOCATIONS = ("device", "host", "disk")
-CONTEXTS = ("cpu", "gpu")
+CONTEXTS = ("auto", "cpu", "gpu")
 METHODS = ("pfc", "ffc")
 FFC_LOSSES = ("arcface", "cosface", "sv")
 
@@ -89,7 +89,8 @@ def build_arg_parser():
         "prelu_conv (the same function and parameters, 1.6-4x faster to train on a CPU), relu")
     add("--fp16", action=argparse.BooleanOptionalAction, default=None, help="float16 trunk (GPU)")
     add("--loss-scale", choices=LOSS_SCALES, help="auto: dynamic loss scaling when --fp16, none otherwise")
-    add("--ctx", choices=CONTEXTS, help="cpu, or gpu (one GPU per rank: mx.gpu(local_rank))")
+    add("--ctx", choices=CONTEXTS, help="auto (default: mx.gpu(local_rank) when MXNet sees a GPU, else the CPU), "
+        "or force cpu / gpu")
     add("--models-root", help="outputs go to MODELS_ROOT/<dataset>_<network>_<loss>")
     add("--output", help="exact output folder (overrides the --models-root naming)")
     add("--data-dir", help="dataset folder with train.rec/.idx/property (default: $%s/<preset folder>)"
@@ -102,15 +103,24 @@ def build_arg_parser():
     add("--frequent", type=int, help="log a line every N steps")
     add("--verbose", type=int, help="verify every N steps (0: never)")
     add("--checkpoint-every", type=int, help="save every N steps (and at the end)")
+    add("--keep-exports", type=int, help="legacy model-NNNN.params exports kept, the newest N (0: all); the "
+        "best-verifying weights stay in best-0000.params")
+    add("--pretrained", help="PREFIX,EPOCH: start the backbone from legacy checkpoint PREFIX-EPOCH.params (this "
+        "project's or InsightFace's MXNet models; the classifier fc7 is never taken)")
+    add("--pretrained-partial", action="store_true", default=None, help="with --pretrained: load the parameters "
+        "that fit and warn about the rest (default: any misfit is an error)")
+    add("--pretrained-head", help="start the head from this project's checkpoint folder (checkpoints/step_*, "
+        "any world size; a checkpoints/ folder means its newest)")
     add("--preprocess-threads", type=int, help="JPEG decoding threads per rank")
     return p
 
 
 # flags copied verbatim onto the key of the same name (the others need parsing)
-_DIRECT = ("method", "queue_size", "ffc_alpha", "ffc_loss", "network", "loss", "scale", "sample_ratio", "interclass_filter", "bank_location", "bank_dir",
-           "batch_size", "lr", "num_epochs", "max_steps", "lr_mode", "warmup_epochs", "embedding_size", "dropout",
-           "fp16", "ctx", "models_root", "output", "data_dir", "val_dir", "resume", "seed", "frequent", "verbose",
-           "checkpoint_every", "preprocess_threads", "act_type", "loss_scale")
+_DIRECT = ("method", "queue_size", "ffc_alpha", "ffc_loss", "network", "loss", "scale", "sample_ratio",
+           "interclass_filter", "bank_location", "bank_dir", "batch_size", "lr", "num_epochs", "max_steps", "lr_mode",
+           "warmup_epochs", "embedding_size", "dropout", "fp16", "ctx", "models_root", "output", "data_dir",
+           "val_dir", "resume", "seed", "frequent", "verbose", "checkpoint_every", "preprocess_threads", "act_type",
+           "loss_scale", "keep_exports", "pretrained", "pretrained_partial", "pretrained_head")
 
 
 def _numbers(flag, text, count=None):
@@ -186,7 +196,7 @@ def finalize(cfg):
     for key in ("batch_size", "embedding_size", "frequent", "checkpoint_every", "lr_batch_reference",
                 "preprocess_threads"):
         _check_range(cfg, key, 1)
-    for key in ("verbose", "warmup_epochs", "seed", "ffc_margin"):
+    for key in ("verbose", "warmup_epochs", "seed", "ffc_margin", "keep_exports"):
         _check_range(cfg, key, 0)
     _check_range(cfg, "queue_size", 1)
     _check_range(cfg, "ffc_alpha", 0.0, 1.0)
@@ -198,6 +208,14 @@ def finalize(cfg):
     _check_range(cfg, "num_epochs", 0.0, low_open=True)
     if cfg.max_steps is not None:
         _check_range(cfg, "max_steps", 1)
+    if cfg.pretrained:
+        from eval.embedding import parse_model_spec
+        try:
+            parse_model_spec(cfg.pretrained)
+        except ValueError as err:
+            raise ValueError("--pretrained: %s" % err) from None
+    elif cfg.pretrained_partial:
+        raise ValueError("--pretrained-partial needs --pretrained PREFIX,EPOCH")
     cfg.lr_steps = tuple(sorted(float(e) for e in cfg.lr_steps))
     cfg.val_targets = list(cfg.val_targets)
     if cfg.reader == "synthetic":

@@ -1,8 +1,9 @@
 """Partial FC training entry point.
 
-    horovodrun -np 8 python recognition/train.py --dataset glint360k --network r100 --ctx gpu
+    horovodrun -np 8 python recognition/train.py --dataset glint360k --backbone r100     (the 8 GPUs: --ctx auto)
     horovodrun -np 16 -H host1:8,host2:8 python recognition/train.py --dataset ms1mv3 --sample-ratio 0.1
     python recognition/train.py --dataset synthetic --data-dir demo_output/data      (one process)
+    horovodrun -np 8 python recognition/train.py --dataset ms1mv3 --pretrained r100/model,1   (fine-tuning)
 
 Flags override the preset (recognition/configs/<dataset>.py); `--help` lists them.
 """

@@ -16,10 +16,16 @@ schedule, a pure function of the global step.
 Everything the next step depends on is a function of (seed, step) or is checkpointed (backbone parameters,
 optimizer momentum, the method's state, the step), so a resumed run continues exactly where the interrupted one
 stood, on the same or a different number of ranks.
+
+A run starts from scratch, or fine-tunes: the backbone from a legacy export (``--pretrained``, loaded by the
+Backbone before ``attach``) and the method's head from one of this project's checkpoint folders
+(``--pretrained-head``, through ``method.load``); ``--resume`` then takes precedence over both. Each checkpoint
+also writes a legacy export ``model-%04d.params``; the newest ``keep_exports`` are kept.
 """
 import json
 import logging
 import os
+import re
 import signal
 import time
 
@@ -29,12 +35,33 @@ import mxnet as mx
 from recognition import checkpoint_io, dist
 from recognition.backbone import Backbone
 from recognition.lr_scheduler import build_schedule
+from recognition.pretrained import head_checkpoint, on_every_rank
 from recognition.progress import ProgressLogger
 
 log = logging.getLogger("recognition.train")
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_FILE = "state.json"
+EXPORT_PREFIX = "model"                             # legacy exports: model-symbol.json + model-%04d.params
+_EXPORT_FILE = re.compile(r"^%s-(\d{4,})\.params$" % EXPORT_PREFIX)
+
+
+def choose_context(name, local_rank):
+    """The device of a rank: ``gpu`` is ``mx.gpu(local_rank)``, ``cpu`` the CPU, ``auto`` the GPU when MXNet sees
+    one (``mx.context.num_gpus()``), else the CPU. Returns (context, why) for the log; a GPU the rank cannot have
+    is a clear error, never a silent fall back to the CPU."""
+    visible = mx.context.num_gpus()
+    if name == "cpu":
+        return mx.cpu(), "--ctx cpu"
+    if name == "auto" and visible == 0:
+        return mx.cpu(), "auto: MXNet sees no GPU"
+    if visible == 0:
+        raise ValueError("--ctx gpu, but MXNet sees no GPU (mx.context.num_gpus() is 0: a CPU-only mxnet build, "
+                         "or no CUDA device visible)")
+    if local_rank >= visible:
+        raise ValueError("local rank %d has no GPU of its own: MXNet sees %d GPU(s) on this host; start at most "
+                         "%d ranks per host (horovodrun -H host:%d)" % (local_rank, visible, visible, visible))
+    return mx.gpu(local_rank), "%s: MXNet sees %d GPU(s), one per rank" % (name, visible)
 
 
 def build_method(cfg, ctx, rank, size):
@@ -66,7 +93,9 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.rank, self.size = dist.rank(), dist.size()
-        self.ctx = mx.gpu(dist.local_rank()) if cfg.ctx == "gpu" else mx.cpu()
+        self.ctx, why = choose_context(cfg.ctx, dist.local_rank())
+        if self.rank == 0:
+            log.info("device: %s on rank 0 (%s)", self.ctx, why)
         self.method = build_method(cfg, self.ctx, self.rank, self.size)
         self.steps_per_epoch = self.method.steps_per_epoch
         if self.steps_per_epoch < 1:
@@ -76,6 +105,11 @@ class Trainer:
         self.schedule = build_schedule(cfg, self.steps_per_epoch, self.size)
         self.backbone = Backbone(cfg, self.ctx, self.method.probe_batch_size, accumulate=self.method.accumulate)
         self.method.attach(self.backbone)
+        if cfg.get("pretrained_head"):       # the head's start; --resume later replaces it with the run's own
+            folder = on_every_rank(lambda: head_checkpoint(cfg.pretrained_head, cfg), "head_folder")
+            on_every_rank(lambda: self.method.load(folder), "head")
+            if self.rank == 0:
+                log.info("--pretrained-head: the %s head starts from %s", cfg.method, folder)
         self.output = cfg.output
         self.checkpoint_root = os.path.join(self.output, CHECKPOINT_DIR)
         self.step = 0
@@ -203,8 +237,10 @@ class Trainer:
             checkpoint_io.commit_dir(tmp, final)
             arg, aux = self.backbone.get_params()
             index = self.step // self.cfg.checkpoint_every if self.cfg.checkpoint_every else self.step
-            checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, "model"), index, self.symbol, arg, aux)
+            checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, EXPORT_PREFIX), index, self.symbol, arg,
+                                                 aux)
             self._prune_checkpoints()
+            self._prune_exports(index)
             log.info("checkpoint %s", final)
         dist.barrier("ckpt.done")
         return final
@@ -215,6 +251,17 @@ class Trainer:
                       os.path.isfile(os.path.join(self.checkpoint_root, d, checkpoint_io.COMPLETE)))
         for old in done[:-keep] if keep else []:
             checkpoint_io.remove_dir(os.path.join(self.checkpoint_root, old))
+
+    def _prune_exports(self, current):
+        """Keep the newest ``keep_exports`` legacy ``model-%04d.params`` (0: all), always the one just written.
+        The best-verifying weights are ``best-0000.params``, another prefix, never removed here."""
+        keep = self.cfg.keep_exports
+        if not keep:
+            return
+        found = sorted((int(m.group(1)), m.group(0)) for m in map(_EXPORT_FILE.match, os.listdir(self.output)) if m)
+        older = [name for index, name in found if index != current]
+        for name in older[:max(0, len(found) - keep)]:
+            os.remove(os.path.join(self.output, name))
 
     def resume(self):
         """Load the newest complete checkpoint under the output folder, if any (re-sharding the centres)."""

@@ -8,7 +8,8 @@ from easydict import EasyDict as edict
 from recognition import config as config_module
 from recognition.config import LOSSES, NETWORKS, config_from_args, get_config, list_presets
 
-PRESETS = {"glint360k", "ms1mv2", "emore", "ms1mv3", "webface", "synthetic", "bench_1m", "bench_10m", "bench_100m"}
+PRESETS = {"glint360k", "ms1mv2", "emore", "ms1mv3", "webface", "synthetic", "bench_1m", "bench_10m", "bench_100m",
+           "glint360k_ffc", "synthetic_ffc"}
 RECORD_PRESETS = sorted(p for p in PRESETS if not p.startswith("bench"))
 
 
@@ -57,8 +58,10 @@ def test_base_defaults():
                                                                                              64.0, 1.0)
     assert (base.batch_size, base.lr, base.lr_batch_reference, base.momentum, base.weight_decay) == (
         128, 0.1, 512, 0.9, 5e-4)
-    assert (base.lr_mode, base.lr_factor, base.fp16, base.ctx, base.models_root) == ("step", 0.1, False, "cpu",
+    assert (base.lr_mode, base.lr_factor, base.fp16, base.ctx, base.models_root) == ("step", 0.1, False, "auto",
                                                                                       "models")
+    assert (base.keep_exports, base.pretrained, base.pretrained_partial, base.pretrained_head) == (3, None, False,
+                                                                                                 None)
     assert cfg.weight_decay == base.weight_decay      # a preset that does not set a key keeps the default
 
 
@@ -205,6 +208,22 @@ def test_train_flags_survive_horovodruns_parser():
     assert ambiguous == ["--network"]
     cfg = config_from_args(["--dataset", "bench_1m", "--backbone", "r18"])
     assert cfg.network == "r18"
+
+
+def test_fine_tuning_device_and_export_flags(data_root):
+    cfg = config_from_args(["--dataset", "glint360k", "--pretrained", "zoo/r100/model,1", "--pretrained-partial",
+                            "--pretrained-head", "runs/x/checkpoints/step_000002000", "--keep-exports", "5"])
+    assert (cfg.pretrained, cfg.pretrained_partial, cfg.pretrained_head, cfg.keep_exports, cfg.ctx) == (
+        "zoo/r100/model,1", True, "runs/x/checkpoints/step_000002000", 5, "auto")
+    assert config_from_args(["--dataset", "glint360k", "--ctx", "cpu"]).ctx == "cpu"
+    for flags, message in ((["--pretrained", "zoo/r100/model"], "--pretrained: model must be given as PREFIX,EPOCH"),
+                           (["--pretrained", "zoo/model,x"], "PREFIX,EPOCH"),
+                           (["--pretrained-partial"], "--pretrained-partial needs --pretrained"),
+                           (["--keep-exports", "-1"], "keep_exports must be >= 0")):
+        with pytest.raises(ValueError, match=message):
+            config_from_args(["--dataset", "glint360k"] + flags)
+    with pytest.raises(SystemExit):
+        config_from_args(["--dataset", "glint360k", "--ctx", "tpu"])
 
 
 def test_ffc_flags(data_root):

@@ -34,8 +34,16 @@ def tiny_symbol(name, embedding_size=512, fp16=False, dropout=0.0, **unused):
 
 
 def _patch_backbone():
+    """For a rank process of its own; a test in the pytest process uses the ``tiny_backbone`` fixture instead,
+    so that later tests get the real symbols back."""
     import symbols
     symbols.get_symbol = tiny_symbol
+
+
+@pytest.fixture
+def tiny_backbone(monkeypatch):
+    import symbols
+    monkeypatch.setattr(symbols, "get_symbol", tiny_symbol)
 
 
 def train_body(argv, resume_probe=False):
@@ -106,10 +114,9 @@ def test_resume_on_a_different_world_size_keeps_every_class(tmp_path, saved_on, 
     assert np.isfinite(after[0]["loss"])
 
 
-def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
+def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, tiny_backbone):
     import horovod.mxnet as hvd
     hvd.init()
-    _patch_backbone()
     from recognition import checkpoint_io
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
@@ -133,11 +140,10 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert fresh.resume() and fresh.step == 3
 
 
-def test_legacy_export_gives_the_trainers_embeddings(tmp_path):
+def test_legacy_export_gives_the_trainers_embeddings(tmp_path, tiny_backbone):
     import mxnet as mx
     import horovod.mxnet as hvd
     hvd.init()
-    _patch_backbone()
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     out = tmp_path / "run"
@@ -157,11 +163,10 @@ def test_legacy_export_gives_the_trainers_embeddings(tmp_path):
     np.testing.assert_allclose(legacy.get_outputs()[0].asnumpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_padding_rows_are_left_out_of_the_loss(tmp_path):
+def test_padding_rows_are_left_out_of_the_loss(tmp_path, tiny_backbone):
     """Rows a reader flags as padding reach the head labelled IGNORE_LABEL and send back no gradient."""
     import horovod.mxnet as hvd
     hvd.init()
-    _patch_backbone()
     from recognition.config import config_from_args
     from recognition.data.record_reader import Batch
     from recognition.partial_fc import IGNORE_LABEL
@@ -199,7 +204,7 @@ def test_short_multi_rank_run_lowers_the_loss_and_verifies(tmp_path, tiny_faces)
     out = tmp_path / "run"
     argv = ["--dataset", "synthetic", "--data-dir", tiny_faces, "--network", "mbf", "--embedding-size", "16",
             "--batch-size", "4", "--sample-ratio", "0.5", "--lr", "0.5", "--num-epochs", "4", "--frequent", "1",
-            "--verbose", "10", "--checkpoint-every", "100", "--output", str(out)]
+            "--verbose", "10", "--checkpoint-every", "12", "--keep-exports", "2", "--output", str(out)]
     results = run_ranks(train_body, np=2, timeout=240, kwargs={"argv": argv})
     assert results[0]["step"] == 4 * (12 * 8 // 8)          # 96 images, global batch 8: 12 steps an epoch
     records = [json.loads(line) for line in open(os.path.join(str(out), "train_log.jsonl"))]
@@ -211,6 +216,58 @@ def test_short_multi_rank_run_lowers_the_loss_and_verifies(tmp_path, tiny_faces)
     best = json.load(open(os.path.join(str(out), "best.json")))
     assert best["mean_accuracy"] == max(e["accuracy"] for e in evals)
     assert os.path.exists(os.path.join(str(out), "best-0000.params"))
+    # four exports (steps 12 ... 48), the newest two kept, and the best-verifying weights
+    assert sorted(f for f in os.listdir(str(out)) if f.endswith(".params")) == [
+        "best-0000.params", "model-0003.params", "model-0004.params"]
+
+
+def test_only_the_newest_exports_are_kept(tmp_path, tiny_backbone):
+    import horovod.mxnet as hvd
+    hvd.init()
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    out = tmp_path / "run"
+    os.makedirs(str(out))
+    for name in ("best-0000.params", "model-0001.params.tmp", "notes-0001.params"):   # not exports of this run
+        (out / name).write_bytes(b"x")
+    Trainer(config_from_args(_argv(out, "--max-steps", "5", "--checkpoint-every", "1", "--keep-exports", "2"))).fit()
+    assert sorted(os.listdir(str(out))) == ["best-0000.params", "checkpoints", "model-0001.params.tmp",
+                                            "model-0004.params", "model-0005.params", "model-symbol.json",
+                                            "notes-0001.params", "train_log.jsonl"]
+    every = tmp_path / "every"
+    Trainer(config_from_args(_argv(every, "--max-steps", "4", "--checkpoint-every", "1", "--keep-exports",
+                                   "0"))).fit()
+    assert sorted(f for f in os.listdir(str(every)) if f.endswith(".params")) == [
+        "model-%04d.params" % i for i in range(1, 5)]
+
+
+def test_the_device_is_the_gpu_when_mxnet_sees_one(monkeypatch):
+    import mxnet as mx
+    from recognition.trainer import choose_context
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 0)
+    assert choose_context("auto", 0)[0] == mx.cpu() and "sees no GPU" in choose_context("auto", 0)[1]
+    with pytest.raises(ValueError, match="--ctx gpu, but MXNet sees no GPU"):
+        choose_context("gpu", 0)
+    monkeypatch.setattr(mx.context, "num_gpus", lambda: 8)
+    assert choose_context("auto", 3)[0] == mx.gpu(3) and choose_context("gpu", 7)[0] == mx.gpu(7)
+    assert choose_context("cpu", 3)[0] == mx.cpu()
+    with pytest.raises(ValueError, match="local rank 8 has no GPU of its own: MXNet sees 8 GPU"):
+        choose_context("auto", 8)
+
+
+def test_auto_trains_on_this_cpu_machine_and_says_so(tmp_path, tiny_backbone, caplog):
+    import mxnet as mx
+    import horovod.mxnet as hvd
+    hvd.init()
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    assert mx.context.num_gpus() == 0           # the test machine: the GPU path itself cannot run here
+    caplog.set_level("INFO", logger="recognition.train")
+    cfg = config_from_args(_argv(tmp_path / "run", "--max-steps", "1"))
+    assert cfg.ctx == "auto"
+    trainer = Trainer(cfg)
+    assert trainer.ctx == mx.cpu() and trainer.backbone.ctx == mx.cpu()
+    assert "device: cpu(0) on rank 0 (auto: MXNet sees no GPU)" in caplog.text
 
 
 def _launch(argv, out):
