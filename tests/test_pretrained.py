@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.harness import run_ranks
-from tests.test_train import _argv, _patch_backbone
+from tests.test_train import _argv, _patch_backbone, real_backbones  # noqa: F401 (a fixture)
 
 EMBEDDING = 64          # the r18 comparison's embedding size (small FC, same layers)
 
@@ -241,7 +241,7 @@ def _trained_like(module, rng):
 
 
 @pytest.mark.parametrize("act_type", ["prelu", "prelu_conv"])
-def test_insightface_iresnet_names_give_the_same_network(tmp_path, act_type, horovod):
+def test_insightface_iresnet_names_give_the_same_network(tmp_path, act_type, horovod, real_backbones):
     import mxnet as mx
     from recognition.backbone import Backbone
     from recognition.config import config_from_args
@@ -283,7 +283,7 @@ def _insightface_mobilefacenet_names():
     return names + ["pre_fc1_weight", "pre_fc1_bias", "fc1_gamma", "fc1_beta", "fc1_moving_mean", "fc1_moving_var"]
 
 
-def test_insightface_mobilefacenet_names_cover_the_backbone():
+def test_insightface_mobilefacenet_names_cover_the_backbone(real_backbones):
     import symbols
     from recognition.pretrained import Match, insightface_to_ours
     sym = symbols.get_symbol("mbf", embedding_size=512)

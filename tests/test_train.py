@@ -14,7 +14,10 @@ import time
 import numpy as np
 import pytest
 
+import symbols
 from tests.harness import ROOT, horovodrun_path, run_ranks
+
+REAL_GET_SYMBOL = symbols.get_symbol    # the real backbones, for tests that need them after a leaked patch
 
 COMMON = ["--dataset", "bench_1m", "--num-classes", "203", "--embedding-size", "16", "--batch-size", "4",
           "--lr", "0.2", "--num-epochs", "2", "--frequent", "1", "--verbose", "0", "--checkpoint-every", "3"]
@@ -36,14 +39,18 @@ def tiny_symbol(name, embedding_size=512, fp16=False, dropout=0.0, **unused):
 def _patch_backbone():
     """For a rank process of its own; a test in the pytest process uses the ``tiny_backbone`` fixture instead,
     so that later tests get the real symbols back."""
-    import symbols
     symbols.get_symbol = tiny_symbol
 
 
 @pytest.fixture
 def tiny_backbone(monkeypatch):
-    import symbols
     monkeypatch.setattr(symbols, "get_symbol", tiny_symbol)
+
+
+@pytest.fixture
+def real_backbones(monkeypatch):
+    """``symbols.get_symbol`` as shipped, even when a test before this one patched it without monkeypatch."""
+    monkeypatch.setattr(symbols, "get_symbol", REAL_GET_SYMBOL)
 
 
 def train_body(argv, resume_probe=False):
