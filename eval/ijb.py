@@ -368,20 +368,26 @@ def plot_roc(fpr, tpr, table, path, title):
 
 
 # ------------------------------------------------------------------------------------------------ run
+def image_dir(data_dir):
+    """``data_dir``/loose_crop, where the images are; FileNotFoundError when it is missing."""
+    folder = os.path.join(data_dir, "loose_crop")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError("IJB image folder not found: %s" % folder)
+    return folder
+
+
 def evaluate_ijb(embedder, data_dir, target, meta=None, flip=True, norm_score=True, detector_score=True,
                  workers=None, progress=True):
     """Run the protocol on ``target`` under ``data_dir`` (``meta``: its read_meta, when already read); returns
     the result dict (what --json prints) plus 'scores', 'fpr', 'tpr' arrays and 'unreadable' (the names of the
     images that could not be read)."""
     meta = read_meta(data_dir, target) if meta is None else meta
-    image_dir = os.path.join(data_dir, "loose_crop")
-    if not os.path.isdir(image_dir):
-        raise FileNotFoundError("IJB image folder not found: %s" % image_dir)
-    paths = [os.path.join(image_dir, name) for name in meta.names]
+    folder = image_dir(data_dir)
+    paths = [os.path.join(folder, name) for name in meta.names]
     embeddings, readable = embed_images(embedder, paths, similarity_matrices(meta.landmarks), flip, workers,
                                         progress, desc=target)
     if not readable.any():
-        raise ValueError("none of the %d images under %s could be read" % (len(paths), image_dir))
+        raise ValueError("none of the %d images under %s could be read" % (len(paths), folder))
     features = image_features(embeddings, meta.detector_scores, norm_score, detector_score)
     template_ids, template_feats = template_features(features, meta.templates, meta.medias)
     scores = pair_scores(template_ids, template_feats, meta.pairs)
@@ -451,6 +457,7 @@ def main(argv=None):
             raise ValueError("--workers must be >= 1, got %d" % args.workers)
         check_model_arguments(args)
         meta = read_meta(args.data_dir, args.target)    # bad meta files fail before the model loads
+        image_dir(args.data_dir)
         embedder = embedder_from_args(args, FACE_SIZE)
         result = evaluate_ijb(embedder, args.data_dir, args.target, meta, flip=not args.no_flip,
                               norm_score=not args.no_norm_score, detector_score=not args.no_detector_score,
