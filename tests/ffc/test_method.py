@@ -12,6 +12,10 @@ import numpy as np
 import pytest
 
 from tests.harness import ROOT, run_ranks
+from tests.test_train import tiny_backbone  # noqa: F401  (the fixture, for the tests run in this process)
+
+# in this process through monkeypatch (restored after each test); rank processes patch in train_body
+pytestmark = pytest.mark.usefixtures("tiny_backbone")
 
 FLAGS = ["--dataset", "synthetic_ffc", "--embedding-size", "16", "--batch-size", "4", "--queue-size", "6",
          "--lr", "0.2", "--num-epochs", "2", "--frequent", "1", "--verbose", "0", "--checkpoint-every", "3",
@@ -35,8 +39,6 @@ def _argv(data, out, *extra):
 def _trainer(argv):
     import horovod.mxnet as hvd
     hvd.init()
-    from tests.test_train import _patch_backbone
-    _patch_backbone()
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     return Trainer(config_from_args(argv))
@@ -52,6 +54,8 @@ def _snapshot(trainer):
 def train_body(argv, probe_resume=False):
     """Train with ``argv``; return the probe and gallery parameters, the queue, the loss and the step."""
     import horovod.mxnet as hvd
+    from tests.test_train import _patch_backbone
+    _patch_backbone()
     trainer = _trainer(argv)
     loaded = None
     if probe_resume:
@@ -179,10 +183,10 @@ def test_gallery_follows_every_ema_step_in_training_mode():
 def test_backbone_accumulates_two_backward_passes(tmp_path):
     """grad_req 'add': the gradient after backward(x1, g1) and backward(x2, g2) is the sum of each alone."""
     import mxnet as mx
+    import horovod.mxnet as hvd
+    hvd.init()
     from recognition.backbone import Backbone
     from recognition.config import config_from_args
-    from tests.test_train import _patch_backbone
-    _patch_backbone()
     cfg = config_from_args(["--dataset", "bench_1m", "--embedding-size", "8", "--output", str(tmp_path)])
     rng = np.random.default_rng(1)
     x1, x2 = (mx.nd.array(rng.uniform(0, 255, (6, 3, 112, 112))) for _ in range(2))
