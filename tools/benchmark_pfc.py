@@ -1,13 +1,17 @@
 """Times the Partial FC head alone against its GEMM floor, measured in the same run.
 
     horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_pfc.py --num-classes 1000000 \\
-        --sample-ratio 0.1 --batch-size 64 --embedding-size 512 --steps 20
+        --sample-ratio 0.1 --batch-size 64 --embedding-size 512 --rounds 3 --steps 7
 
 One step = gather -> sample -> bank pull -> logits -> margin softmax -> backward -> memory-bank update, on random
-embeddings with uniformly random labels. The floor is the head's three matrix products alone on the same
-shapes (logits, embedding gradient, centre gradient) through MXNet's oneDNN ``FullyConnected`` with operands
-already laid out as it wants them. Both are medians over the timed steps. The last line printed (rank 0) is
-one JSON object: ms_per_step, gemm_ms_per_step, ratio, sample_ms, bank_ms, peak_rss_mb, ...
+embeddings with uniformly random labels (the sequential mode: nothing of the step is left running when it is
+timed). The floor is the head's three matrix products alone on the same shapes (logits, embedding gradient,
+centre gradient) through MXNet's oneDNN ``FullyConnected`` with operands already laid out as it wants them.
+
+The machine may be shared, so step and floor are interleaved: every round times ``--steps`` steps, each followed
+by one floor, and its ratio is median step / median floor of that round. The result is the median of the
+rounds' ratios with their min and max. The last line printed (rank 0) is one JSON object: ratio, ratio_min,
+ratio_max, ms_per_step, gemm_ms_per_step, phase_ms, sample_ms, bank_ms, peak_anon_mb_per_rank, cpu, blas, ...
 """
 import argparse
 import json
@@ -23,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mxnet as mx  # noqa: E402
 import horovod.mxnet as hvd  # noqa: E402
 
+from recognition.blas_check import blas_cores, cpu_model, warn_if_generic_blas  # noqa: E402
 from recognition.partial_fc import PartialFC  # noqa: E402
 
 
@@ -32,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--embedding-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of interleaved step and floor timings")
+    p.add_argument("--steps", type=int, default=7, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bank-location", choices=("device", "host", "disk"), default="device")
     p.add_argument("--disk-dir", default=None, help="folder for --bank-location disk (default: a temp folder)")
@@ -75,17 +81,23 @@ class GemmFloor:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.rounds < 1 or args.steps < 1:
+        raise SystemExit("--rounds and --steps must be at least 1")
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
+    if rank == 0:
+        warn_if_generic_blas()
     t0 = time.perf_counter()
     pfc = PartialFC(args.num_classes, args.embedding_size, sample_ratio=args.sample_ratio,
                     bank_location=args.bank_location, kernels=args.kernels, disk_dir=args.disk_dir, seed=0)
     init_s = time.perf_counter() - t0
     rng = np.random.default_rng([1, rank])
     floor = None if args.no_floor else GemmFloor(size * args.batch_size, pfc.num_sample, args.embedding_size)
-    step_ms, floor_ms, peak_anon = [], [], anon_rss_mb()
+    step_ms, floor_ms, peak_anon = [[] for _ in range(args.rounds)], [[] for _ in range(args.rounds)], anon_rss_mb()
     phase_totals = None
-    for step in range(args.warmup + args.steps):
+    total = args.warmup + args.rounds * args.steps
+    started = time.perf_counter()
+    for step in range(total):
         x = mx.nd.array(rng.standard_normal((args.batch_size, args.embedding_size), dtype=np.float32))
         y = mx.nd.array(rng.integers(0, args.num_classes, args.batch_size), dtype="int64")
         if step == args.warmup:
@@ -95,24 +107,33 @@ def main(argv=None):
         pfc.update(0.1)
         grad.wait_to_read()
         elapsed = 1000.0 * (time.perf_counter() - start)
-        # the floor is timed between steps, so both see the same machine load
+        # the floor is timed right after each step, so both see the same machine load
         gemm = floor.time_ms() if floor is not None else float("nan")
+        round_index = (step - args.warmup) // args.steps
         if step >= args.warmup:
-            step_ms.append(elapsed)
-            floor_ms.append(gemm)
+            step_ms[round_index].append(elapsed)
+            floor_ms[round_index].append(gemm)
         peak_anon = max(peak_anon, anon_rss_mb())
         if rank == 0:
-            print("step %3d  %8.1f ms  (GEMM floor %6.1f ms)  loss %.4f" % (step, elapsed, gemm, loss), flush=True)
-    phases = {k: 1000.0 * (v - phase_totals.get(k, 0.0)) / args.steps for k, v in pfc.timings.items()}
-    ms = float(np.median(step_ms))
-    floor = None if floor is None else float(np.median(floor_ms))
+            eta = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
+            print("step %3d/%d %s %8.1f ms  (GEMM floor %6.1f ms)  loss %.4f  ETA %.0f s"
+                  % (step + 1, total, "warm-up  " if step < args.warmup else "round %d/%d" % (round_index + 1,
+                     args.rounds), elapsed, gemm, loss, eta), flush=True)
+    timed = args.rounds * args.steps
+    phases = {k: 1000.0 * (v - phase_totals.get(k, 0.0)) / timed for k, v in pfc.timings.items()}
+    ms = float(np.median(np.concatenate(step_ms)))
+    ratios = None if floor is None else [float(np.median(s) / np.median(f)) for s, f in zip(step_ms, floor_ms)]
     result = {
         "num_classes": args.num_classes, "sample_ratio": args.sample_ratio, "world_size": size,
         "batch_size": args.batch_size, "embedding_size": args.embedding_size, "num_sample": pfc.num_sample,
-        "bank_location": args.bank_location, "kernels": pfc.kernels,
+        "bank_location": args.bank_location, "kernels": pfc.kernels, "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "ms_per_step": round(ms, 2),
-        "gemm_ms_per_step": None if floor is None else round(floor, 2),
-        "ratio": None if floor is None else round(ms / floor, 3),
+        "gemm_ms_per_step": None if floor is None else round(float(np.median(np.concatenate(floor_ms))), 2),
+        "ratio": None if ratios is None else round(float(np.median(ratios)), 3),
+        "ratio_min": None if ratios is None else round(min(ratios), 3),
+        "ratio_max": None if ratios is None else round(max(ratios), 3),
+        "round_ratios": None if ratios is None else [round(r, 3) for r in ratios],
         "sample_ms": round(phases.get("sample", 0.0), 2),
         "bank_ms": round(phases.get("bank_pull", 0.0) + phases.get("bank_push", 0.0), 2),
         "phase_ms": {k: round(v, 2) for k, v in sorted(phases.items())},
@@ -120,6 +141,7 @@ def main(argv=None):
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "peak_anon_mb": round(peak_anon, 1),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "cpu": cpu_model(), "blas": blas_cores(), "load_avg": [round(v, 2) for v in os.getloadavg()],
     }
     gathered = hvd.allgather(mx.nd.array([[result["peak_anon_mb"], result["peak_rss_mb"]]]), name="bench.mem")
     result["peak_anon_mb_per_rank"] = [round(float(v), 1) for v in gathered.asnumpy()[:, 0]]

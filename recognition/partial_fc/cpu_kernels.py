@@ -5,11 +5,44 @@ then the normalisation backward and the SGD step, plus gathers and scatters of t
 each bank row once and write it once, which is what bounds them (memory traffic).
 
 ``index`` is an int64 array of bank rows, or None for "every row in order" (sample_ratio 1.0).
+
+``_normal_rows`` computes the banks' deterministic initial centres (``memory_bank.init_rows`` documents the
+formula) one element at a time, about 4x faster than the same formula in NumPy; the disk bank builds every
+never-stored row it pulls with it.
 """
+import math
+
 import numpy as np
 from numba import njit
 
 NORM_EPS = 1e-12
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)     # SplitMix64 constants
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_TWO_PI = 2.0 * np.pi
+
+
+@njit(cache=True, nogil=True)
+def _normal_rows(class_ids, selected, every_row, key, std, out, momentum, zero_momentum):
+    """out[i] = the initial centre of class_ids[i] (and momentum[i] = 0) for each selected i.
+
+    Entry j: Box-Muller of SplitMix64((id * dim + j) ^ key), in float64 like the NumPy reference (no fastmath:
+    the values must not depend on the vectoriser)."""
+    n, dim = out.shape
+    for i in range(n):
+        if not every_row and not selected[i]:
+            continue
+        base = np.uint64(class_ids[i]) * np.uint64(dim)
+        for j in range(dim):
+            z = ((base + np.uint64(j)) ^ key) + _GOLDEN
+            z = (z ^ (z >> np.uint64(30))) * _MIX1
+            z = (z ^ (z >> np.uint64(27))) * _MIX2
+            h = z ^ (z >> np.uint64(31))
+            u1 = (np.float64(h >> np.uint64(40)) + 1.0) * (1.0 / 16777216.0)     # (0, 1]
+            u2 = np.float64(h & np.uint64(0xFFFFFF)) * (1.0 / 16777216.0)       # [0, 1)
+            out[i, j] = std * math.sqrt(-2.0 * math.log(u1)) * math.cos(_TWO_PI * u2)
+            if zero_momentum:
+                momentum[i, j] = 0.0
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -77,6 +110,15 @@ def gather_normalize(weight, index, workspace=None):
     idx = np.zeros(1, np.int64) if index is None else np.ascontiguousarray(index, dtype=np.int64)
     _gather_normalize(weight, idx, index is None, out, inv_norm)
     return out, inv_norm
+
+
+def normal_rows(class_ids, key, std, out, selected=None, momentum=None):
+    """Fill ``out[i]`` with the initial centre of ``class_ids[i]`` (and zero ``momentum[i]``), for every i or only
+    where ``selected`` is True. ``out`` and ``momentum`` may be strided views (the disk bank's row buffer)."""
+    ids = np.ascontiguousarray(class_ids, dtype=np.int64)
+    mask = np.ones(1, np.bool_) if selected is None else np.ascontiguousarray(selected, dtype=np.bool_)
+    mom = np.zeros((1, 1), np.float32) if momentum is None else momentum
+    _normal_rows(ids, mask, selected is None, np.uint64(key), np.float64(std), out, mom, momentum is not None)
 
 
 def fused_sgd(weight, mom, index, grad_unit, inv_norm, lr, momentum, wd, offset=0):

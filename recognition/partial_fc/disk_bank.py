@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from recognition.partial_fc import cpu_kernels
-from recognition.partial_fc.memory_bank import init_rows
+from recognition.partial_fc.memory_bank import INIT_STD, init_key
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _pread = _libc.pread
@@ -80,6 +80,7 @@ class DiskBank:
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.ftruncate(self._fd, self.num_local * self.row_bytes)     # sparse: no data written
         self._stored = np.zeros(self.num_local, dtype=np.bool_)    # rows the file holds (others: initial values)
+        self._key = init_key(seed)
         self._workspace = cpu_kernels.Workspace()
         self._pulled = None
 
@@ -92,9 +93,9 @@ class DiskBank:
         if failed >= 0:
             raise IOError("DiskBank: short read of row %d from %s" % (rows[failed], self.path))
         fresh = ~stored
-        if fresh.any():
-            buf[fresh, 0] = init_rows(rows[fresh] + self.class_start, self.dim, self.seed)
-            buf[fresh, 1] = 0.0
+        if fresh.any():     # built in place, straight into the row buffer
+            cpu_kernels.normal_rows(rows + self.class_start, self._key, INIT_STD, buf[:, 0], selected=fresh,
+                                    momentum=buf[:, 1])
         return buf
 
     def _store(self, rows, buf):

@@ -22,6 +22,9 @@ class PartialFCHead:
     Each rank writes its slice of W and its momentum as ``centres_<start>_<end>.{weight,momentum}.npy``; on
     restore every rank reads the pieces of whatever files overlap its own slice, so a checkpoint written by N
     ranks resumes on M ranks with every class kept.
+
+    The memory bank's I/O is pipelined (``PartialFC(pipeline=True)``) unless ``cfg.bank_pipeline`` is False:
+    ``prepare(labels)`` before the backbone's forward starts the step's pull, ``update`` queues the push.
     """
 
     def __init__(self, cfg, ctx):
@@ -29,7 +32,11 @@ class PartialFCHead:
                              margins=tuple(cfg.margins), scale=cfg.scale, ctx=ctx,
                              bank_location=cfg.bank_location, interclass_filter=cfg.interclass_filter,
                              momentum=cfg.momentum, weight_decay=cfg.fc_weight_decay, seed=cfg.seed,
-                             disk_dir=cfg.get("bank_dir"))
+                             disk_dir=cfg.get("bank_dir"), pipeline=cfg.get("bank_pipeline", True))
+
+    def prepare(self, labels):
+        """Gather the step's labels and start its bank pull (before the backbone's forward)."""
+        self.pfc.prepare(labels)
 
     def forward_backward(self, embeddings, labels):
         return self.pfc.forward_backward(embeddings, labels)
@@ -44,6 +51,7 @@ class PartialFCHead:
     def save(self, folder, chunk_rows=1 << 16):
         """Write this rank's shard (weight and momentum) into ``folder``; rows are copied in chunks."""
         pfc = self.pfc
+        pfc.flush(agree=True)       # every queued update is in the bank, on every rank, or every rank raises
         start, end = pfc.class_start, pfc.class_start + pfc.num_local
         for kind, column in (("weight", 0), ("momentum", 1)):
             path = os.path.join(folder, _SHARD_PATTERN % (start, end, kind))
@@ -61,6 +69,7 @@ class PartialFCHead:
     def load(self, folder):
         """Fill this rank's shard from the shard files in ``folder`` (any world size wrote them)."""
         pfc = self.pfc
+        pfc.flush()
         start, end = pfc.class_start, pfc.class_start + pfc.num_local
         pieces = _shard_files(folder)
         total = pieces[-1][0][1]

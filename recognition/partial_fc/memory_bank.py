@@ -36,25 +36,21 @@ def _splitmix64(x):
         return z ^ (z >> np.uint64(31))
 
 
+def init_key(seed):
+    """The hash key of a run's initial centres."""
+    return _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
+
+
 def init_rows(class_ids, dim, seed, std=INIT_STD):
     """Initial centres of the given global class ids: N(0, std^2) entries, float32 (len(class_ids), dim).
 
     Entry (c, j) is Box-Muller of a SplitMix64 hash of (seed, c * dim + j): independent of sharding, of the
     bank and of the order rows are asked for, and cheap to recompute for any subset (the disk bank builds rows
-    lazily on first use).
+    lazily on first use). Computed by ``cpu_kernels.normal_rows``.
     """
     ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
     out = np.empty((ids.size, dim), dtype=np.float32)
-    key = _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
-    cols = np.arange(dim, dtype=np.uint64)
-    chunk = max(1, (1 << 21) // max(dim, 1))
-    for lo in range(0, ids.size, chunk):
-        block = ids[lo:lo + chunk].astype(np.uint64)
-        with np.errstate(over="ignore"):
-            h = _splitmix64((block[:, None] * np.uint64(dim) + cols) ^ key)
-        u1 = ((h >> np.uint64(40)).astype(np.float64) + 1.0) * (1.0 / (1 << 24))   # (0, 1]
-        u2 = (h & np.uint64(0xFFFFFF)).astype(np.float64) * (1.0 / (1 << 24))     # [0, 1)
-        out[lo:lo + chunk] = std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
+    cpu_kernels.normal_rows(ids, init_key(seed), std, out)
     return out
 
 
@@ -66,10 +62,7 @@ class HostBank:
     def __init__(self, num_local, dim, class_start, seed=0):
         self.num_local, self.dim, self.class_start = int(num_local), int(dim), int(class_start)
         self.weight = np.empty((self.num_local, self.dim), dtype=np.float32)
-        chunk = 1 << 16
-        for lo in range(0, self.num_local, chunk):
-            hi = min(lo + chunk, self.num_local)
-            self.weight[lo:hi] = init_rows(np.arange(lo, hi) + self.class_start, self.dim, seed)
+        cpu_kernels.normal_rows(np.arange(self.num_local) + self.class_start, init_key(seed), INIT_STD, self.weight)
         self.momentum = np.zeros_like(self.weight)
         self._workspace = cpu_kernels.Workspace()   # pulled rows are valid until the next pull
 

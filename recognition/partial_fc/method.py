@@ -1,8 +1,10 @@
 """Partial FC as a training method: one reader, one backbone pass, the Partial FC head.
 
-One step on every rank: this rank's batch -> backbone forward -> ``PartialFC.forward_backward`` (gathers the
-global batch; margin softmax over the sampled centres) -> backbone backward with the head's embedding gradient ->
-backbone update -> ``PartialFC.update`` (memory-bank SGD on the sampled centres).
+One step on every rank: this rank's batch -> ``PartialFC.prepare`` (gathers the global batch's labels, samples
+the centres and starts their pull from the memory bank on the bank thread) -> backbone forward, while the pull
+runs -> ``PartialFC.forward_backward`` (margin softmax over the sampled centres) -> backbone backward with the
+head's embedding gradient -> backbone update -> ``PartialFC.update`` (memory-bank SGD on the sampled centres,
+queued on the bank thread: it runs beside the next step's forward, before that step's pull).
 """
 from recognition.data import build_reader
 from recognition.partial_fc.head import PartialFCHead
@@ -33,12 +35,14 @@ class PartialFCMethod:
         return self.reader.epoch(epoch, start_step=start_step)
 
     def train_step(self, backbone, batch, lr, clock):
-        embeddings = backbone.forward(batch.data)
-        clock.tick("backbone_forward", embeddings)
         labels = batch.label
         if batch.pad:                    # padding rows (the epoch's end) are left out of the loss
             labels = labels.copy()
             labels[labels.size - batch.pad:] = IGNORE_LABEL
+        self.head.prepare(labels)        # the labels are known before the backbone runs: start the bank pull
+        clock.tick("head_prepare", None)
+        embeddings = backbone.forward(batch.data)
+        clock.tick("backbone_forward", embeddings)
         loss, grad = self.head.forward_backward(embeddings, labels)
         clock.tick("head", grad)
         backbone.backward(grad)

@@ -19,9 +19,18 @@ differ by at most one: no padded phantom classes). One training step, ``forward_
    receiving its own rows; the sampled centres' gradient is kept for ``update(lr)``, which applies SGD with
    momentum and weight decay to exactly those rows in the bank.
 
-Two interchangeable kernel sets do steps 2-5: NumPy (host arrays, oneDNN ``FullyConnected`` for the logits;
-the fastest on a CPU) and NDArray (everything on ``ctx``: what a GPU uses). ``kernels='auto'`` picks NumPy on a
-CPU context and NDArray otherwise.
+Two interchangeable kernel sets do steps 2-5: NumPy (host arrays; every matrix product through MXNet's oneDNN
+``FullyConnected``, never numpy's BLAS, see ``products.py``) and NDArray (everything on ``ctx``: what a GPU uses).
+``kernels='auto'`` picks NumPy on a CPU context and NDArray otherwise.
+
+Pipelined bank I/O (``pipeline=True``): the bank's pulls and pushes run on one ordered worker thread
+(``bank_queue.BankQueue``). ``prepare(labels)`` gathers the step's labels (a small collective), samples and
+starts the pull, so it runs while the caller's backbone computes the embeddings; ``update(lr)`` queues the centre
+gradient and the push and returns at once. The next pull queues behind that push, so a row sampled by two
+consecutive steps is never read before its update is written: the parameters are bit-identical to the
+sequential mode (``pipeline=False``), which runs every job on the caller's thread when it is asked for. A bank
+job that fails is reported by the next ``forward_backward`` on every rank (its input header carries the flag),
+so no rank is left waiting in a collective.
 """
 import time
 from collections import defaultdict
@@ -30,6 +39,8 @@ import numpy as np
 import mxnet as mx
 
 from recognition import dist
+from recognition.partial_fc import products
+from recognition.partial_fc.bank_queue import BankQueue
 from recognition.partial_fc.cpu_kernels import NORM_EPS, Workspace
 from recognition.partial_fc.margin import CombinedMargin
 from recognition.partial_fc.memory_bank import make_bank
@@ -37,8 +48,10 @@ from recognition.partial_fc.sampler import PPRNSampler
 
 _NEG_INF = np.float32(-np.inf)
 IGNORE_LABEL = -1   # a row with this label is ignored: no loss, zero gradient, samples no centre
-META_FIELDS = 5      # int64 header fields of each rank's input segment (see _gather_inputs)
-UPDATE_BLOCK = 512   # rows per block of the CPU centre-gradient + update pass (512 x 512 floats: 1 MB, in L2)
+META_FIELDS = 6      # int64 header fields of each rank's input segment (see _gather_inputs)
+# floats per block of the CPU centre-gradient + update pass: 8 MB stays in the last-level cache between its
+# product and its update, and blocks this large keep oneDNN's per-call overhead small
+UPDATE_BLOCK_FLOATS = 1 << 21
 
 
 def l2_normalize_rows(a):
@@ -58,6 +71,16 @@ def normalization_backward(unit, inv_norm, grad_unit):
     return out
 
 
+_BANK_FAILED, _LABELS_CHANGED = 1, 2     # bits of the input header's flags field
+
+
+def _labels_int64(labels):
+    """(labels as a flat int64 NumPy array, whether they were integers); non-integer labels come back as zeros."""
+    y = labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else np.asarray(labels)
+    is_int = np.issubdtype(y.dtype, np.integer)
+    return (y.reshape(-1).astype(np.int64) if is_int else np.zeros(y.size, np.int64)), bool(is_int)
+
+
 class _Clock:
     """Adds the time since the last tick to ``timings[phase]``."""
 
@@ -74,13 +97,14 @@ class PartialFC:
     """Model-parallel, sampled margin-softmax head. See the module docstring for the algorithm.
 
     Public API: ``forward_backward(local_embeddings, local_labels) -> (loss, embedding_grad)``,
-    ``update(lr)``, ``class_start``, ``num_local``, ``sampled_index``, ``weight``, ``weight_mom``.
+    ``update(lr)``, ``prepare(local_labels)`` and ``flush()`` (pipelined mode), ``class_start``, ``num_local``,
+    ``sampled_index``, ``weight``, ``weight_mom``.
     Horovod must be initialised by the caller (``hvd.init()``); a single process works without horovodrun.
     """
 
     def __init__(self, num_classes, embedding_size, sample_ratio=1.0, margins=(1.0, 0.5, 0.0), scale=64.0,
                  ctx=None, bank_location="device", interclass_filter=0.0, momentum=0.9, weight_decay=5e-4,
-                 seed=0, easy_margin=False, kernels="auto", disk_dir=None):
+                 seed=0, easy_margin=False, kernels="auto", disk_dir=None, pipeline=False):
         self.ctx = ctx or mx.cpu()
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         self.rank, self.world_size = dist.rank(), dist.size()
@@ -106,10 +130,17 @@ class PartialFC:
         self.step = 0            # forward_backward calls so far: keys the sampler's random stream
         self._index = None       # local rows sampled in the last step (None: all rows)
         self._pending = None     # what update() needs from the last forward_backward
+        self._prepared = None    # (global labels, index, target_col, pull future, local labels) from prepare()
+        self._bank_jobs = BankQueue(threaded=pipeline)
         self._workspace = Workspace()
+        self._push_workspace = Workspace()   # the update's blocks (it may run on the bank thread)
         self.timings = defaultdict(float)   # seconds per phase, accumulated (benchmarks and logs read it)
 
     # ----------------------------------------------------------------------------------------- public API
+    @property
+    def pipelined(self):
+        return self._bank_jobs.threaded
+
     @property
     def sampled_index(self):
         """Sorted local row ids of W used in the last step."""
@@ -123,26 +154,66 @@ class PartialFC:
 
     @property
     def weight(self):
-        """This rank's shard of W, (num_local, D), as a NumPy array."""
+        """This rank's shard of W, (num_local, D), as a NumPy array (after every queued update)."""
+        self._bank_jobs.drain()
         return self.bank.weight
 
     @property
     def weight_mom(self):
-        """The SGD momentum of this rank's shard, (num_local, D), as a NumPy array."""
+        """The SGD momentum of this rank's shard, (num_local, D), as a NumPy array (after every queued update)."""
+        self._bank_jobs.drain()
         return self.bank.momentum
+
+    def prepare(self, local_labels):
+        """Start a step before its embeddings exist: gather every rank's labels (one small allgather), sample
+        this rank's centres and queue their pull. ``forward_backward`` with the same labels must follow.
+
+        Bad labels raise the same ValueError on every rank, as in ``forward_backward``.
+        """
+        y_local, is_int = _labels_int64(local_labels)
+        every = dist.allgather(np.concatenate([np.array([y_local.size, int(is_int)], np.int64), y_local]),
+                               name="pfc.labels")
+        ys, problems, offset = [], [], 0
+        for r in range(self.world_size):
+            count, is_int = every[offset:offset + 2].tolist()
+            ys.append(every[offset + 2:offset + 2 + count])
+            offset += 2 + count
+            problems += self._label_problems(r, ys[-1], is_int)
+        if problems:
+            raise ValueError("PartialFC: bad input at step %d: %s" % (self.step, "; ".join(problems)))
+        y = np.concatenate(ys)
+        index, target_col = self.sampler.sample(y, self.step)
+        pull = self._bank_jobs.submit("pull step %d" % self.step, self._pull, index)
+        self._prepared = (y, index, target_col, pull, y_local)
 
     def forward_backward(self, local_embeddings, local_labels):
         """Loss (Python float, mean over the global batch's rows whose label is not IGNORE_LABEL; 0.0 when every
         row is ignored) and d(loss)/d(local_embeddings) (NDArray on ctx; zero on ignored rows)."""
         clock = _Clock(self.timings)
-        x_local, x, y = self._gather_inputs(local_embeddings, local_labels)
+        prepared, self._prepared = self._prepared, None
+        flags, bank_error, pulled = 0, None, None
+        try:    # a failed bank job is reported to every rank through the input header, never raised alone
+            if prepared is not None:
+                pulled = self._bank_jobs.wait(prepared[3])
+            else:
+                self._bank_jobs.drain()
+        except Exception as err:    # noqa: BLE001 - any failure of the bank thread
+            flags, bank_error = flags | _BANK_FAILED, err
+        clock.tick("bank_pull")
+        if prepared is not None and not np.array_equal(_labels_int64(local_labels)[0], prepared[4]):
+            flags |= _LABELS_CHANGED
+        x_local, x, y = self._gather_inputs(local_embeddings, local_labels, flags, bank_error)
         xn, x_inv = l2_normalize_rows(x)
         clock.tick("gather")
-        index, target_col = self.sampler.sample(y, self.step)
+        if prepared is None:
+            index, target_col = self.sampler.sample(y, self.step)
+            clock.tick("sample")
+            pulled = self._bank_jobs.wait(self._bank_jobs.submit("pull step %d" % self.step, self._pull, index))
+            clock.tick("bank_pull")
+        else:
+            index, target_col = prepared[1], prepared[2]
         self._index = index
-        clock.tick("sample")
-        unit, inv_norm = self.bank.pull(index)
-        clock.tick("bank_pull")
+        unit, inv_norm = pulled
         head = self._head_numpy if self.kernels == "numpy" else self._head_ndarray
         loss, grad_xn = head(xn, unit, inv_norm, target_col, y != IGNORE_LABEL, clock)
         b = x_local.shape[0]
@@ -154,31 +225,61 @@ class PartialFC:
         return loss, mx.nd.array(grad_x, ctx=self._output_ctx(local_embeddings), dtype="float32")
 
     def update(self, lr):
-        """SGD-momentum step (learning rate ``lr``) on the centres sampled in the last forward_backward."""
+        """SGD-momentum step (learning rate ``lr``) on the centres sampled in the last forward_backward.
+
+        Pipelined, the step is queued on the bank thread and this returns at once."""
         if self._pending is None:
             raise RuntimeError("PartialFC.update() needs a forward_backward() first (and only one update per step)")
-        clock = _Clock(self.timings)
         pending, self._pending = self._pending, None
-        if self.kernels == "numpy":
-            self._update_blocked(pending, lr, clock)
-            return
-        grad_unit = self._unit_grad(pending)
-        clock.tick("backward_gemm")
-        self.bank.apply_grad(pending["index"], grad_unit, pending["inv_norm"], lr, self.momentum, self.weight_decay)
-        clock.tick("bank_push")
+        job = self._update_blocked if self.kernels == "numpy" else self._update_ndarray
+        self._bank_jobs.submit("update step %d" % (self.step - 1), job, pending, float(lr))
 
-    def _update_blocked(self, p, lr, clock):
+    def flush(self, agree=False):
+        """Wait for every queued bank job. ``agree=True`` (a collective: every rank must call it) makes every rank
+        raise when any rank's bank failed, not only that rank."""
+        error = None
+        try:
+            self._bank_jobs.drain()
+        except Exception as err:    # noqa: BLE001
+            error = err
+        if agree and int(dist.allreduce(np.array([error is not None], np.int32), name="pfc.flush", op="max")[0]):
+            raise error or RuntimeError("PartialFC: the memory bank failed on another rank (see its output)")
+        if error is not None:
+            raise error
+
+    def close(self):
+        """Finish the queued bank jobs and stop the bank thread."""
+        try:
+            self._bank_jobs.drain()
+        finally:
+            self._bank_jobs.close()
+
+    def _pull(self, index):
+        return self.bank.pull(index)
+
+    def _update_blocked(self, p, lr):
         """Centre gradient and bank update a block of rows at a time, so a block's gradient stays in cache
         between its product and its update instead of a (num_sample, D) array going through memory twice."""
-        grad_cos, xn, index, inv_norm = p["grad_cos"], p["xn"], p["index"], p["inv_norm"]
-        k = grad_cos.shape[1]
-        for lo in range(0, k, UPDATE_BLOCK):
-            hi = min(lo + UPDATE_BLOCK, k)
-            grad_unit = np.matmul(grad_cos[:, lo:hi].T, xn, out=self._workspace.get("grad_block", (hi - lo, xn.shape[1])))
+        clock = _Clock(self.timings)
+        grad_cos_t, index, inv_norm = p["grad_cos"], p["index"], p["inv_norm"]
+        k, dim = grad_cos_t.shape[0], p["xn"].shape[1]
+        xn_t = products.transposed_nd(p["xn"])
+        rows = max(1, UPDATE_BLOCK_FLOATS // dim)
+        for lo in range(0, k, rows):
+            hi = min(lo + rows, k)
+            grad_unit = products.rows_times(grad_cos_t[lo:hi], xn_t,
+                                            self._push_workspace.get("grad_block", (hi - lo, dim)))
             clock.tick("backward_gemm")
             self.bank.apply_grad(None if index is None else index[lo:hi], grad_unit, inv_norm[lo:hi], lr,
                                  self.momentum, self.weight_decay, offset=lo)
             clock.tick("bank_push")
+
+    def _update_ndarray(self, p, lr):
+        clock = _Clock(self.timings)
+        grad_unit = self._unit_grad(p)
+        clock.tick("backward_gemm")
+        self.bank.apply_grad(p["index"], grad_unit, p["inv_norm"], lr, self.momentum, self.weight_decay)
+        clock.tick("bank_push")
 
     def sampled_weight_grad(self):
         """d(loss)/d(W[sampled_index]) of the last step, (num_sample, D) NumPy (for tests and inspection)."""
@@ -191,27 +292,38 @@ class PartialFC:
         return normalization_backward(np.asarray(unit), np.asarray(inv_norm), grad_unit)
 
     # ------------------------------------------------------------------------------------------ checks
-    def _gather_inputs(self, embeddings, labels):
+    def _label_problems(self, r, labels, is_int):
+        """What is wrong with rank r's labels (int64 array; ``is_int``: were they integers), as messages."""
+        if not is_int:
+            return ["rank %d passed non-integer labels (int32/int64 needed: float32 cannot hold class ids above "
+                    "2^24 exactly)" % r]
+        if labels.size:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < IGNORE_LABEL or hi >= self.num_classes:
+                return ["rank %d has label %d outside [0, %d) (%d marks an ignored row)"
+                        % (r, lo if lo < IGNORE_LABEL else hi, self.num_classes, IGNORE_LABEL)]
+        return []
+
+    def _gather_inputs(self, embeddings, labels, flags=0, bank_error=None):
         """Gather every rank's embeddings and labels with ONE allgather, then check them on every rank.
 
         Each rank sends a self-describing flat float32 segment: a header of META_FIELDS int64 values (batch
-        size, embedding size, label count, labels-are-integers, non-finite count), then its int64 labels and its
-        embeddings, all bit-cast (the collective copies bytes; no arithmetic touches them). Segments may differ
-        in length, so shape mismatches still arrive, and every rank reads the same problems and raises the same
-        error: no rank is left waiting in a later collective. Returns (x_local, x_global, y_global).
+        size, embedding size, label count, labels-are-integers, non-finite count, flags: its bank failed / its
+        labels differ from ``prepare``'s), then its int64 labels and its embeddings, all bit-cast (the collective
+        copies bytes; no arithmetic touches them). Segments may differ in length, so shape mismatches still
+        arrive, and every rank reads the same problems and raises the same error: no rank is left waiting in a
+        later collective. Returns (x_local, x_global, y_global).
         """
         x = embeddings.asnumpy() if isinstance(embeddings, mx.nd.NDArray) else np.asarray(embeddings)
-        y = labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else np.asarray(labels)
-        label_is_int = np.issubdtype(y.dtype, np.integer)
+        y, label_is_int = _labels_int64(labels)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        y = y.reshape(-1).astype(np.int64) if label_is_int else np.zeros(y.size, np.int64)
         header = np.array([x.shape[0] if x.ndim else 0, x.shape[1] if x.ndim == 2 else -1, y.size,
-                           int(label_is_int), x.size - np.count_nonzero(np.isfinite(x))], dtype=np.int64)
+                           int(label_is_int), x.size - np.count_nonzero(np.isfinite(x)), flags], dtype=np.int64)
         segment = np.concatenate([header.view(np.float32), y.view(np.float32), x.reshape(-1)])
         every = dist.allgather(segment, name="pfc.inputs")
-        xs, ys, problems, offset = [], [], [], 0
+        xs, ys, failures, problems, offset = [], [], [], [], 0
         for r in range(self.world_size):
-            b, d, nl, is_int, nonfinite = every[offset:offset + 2 * META_FIELDS].view(np.int64).tolist()
+            b, d, nl, is_int, nonfinite, rank_flags = every[offset:offset + 2 * META_FIELDS].view(np.int64).tolist()
             offset += 2 * META_FIELDS
             ys.append(every[offset:offset + 2 * nl].view(np.int64))
             offset += 2 * nl
@@ -220,22 +332,22 @@ class PartialFC:
             offset += n
             if r == 0:
                 batch = b
+            if rank_flags & _BANK_FAILED:
+                failures.append("rank %d's memory bank failed (%s)" % (
+                    r, "%s: %s" % (type(bank_error).__name__, bank_error) if r == self.rank else "see its output"))
+            if rank_flags & _LABELS_CHANGED:
+                problems.append("rank %d passed labels that differ from the ones it gave prepare()" % r)
             if b != batch:
                 problems.append("rank %d has batch size %d but rank 0 has %d" % (r, b, batch))
             if d != self.embedding_size:
                 problems.append("rank %d has embeddings of size %s, expected (B, %d)" % (r, d, self.embedding_size))
             if nl != b:
                 problems.append("rank %d has %d labels for %d embeddings" % (r, nl, b))
-            if not is_int:
-                problems.append("rank %d passed non-integer labels (int32/int64 needed: float32 cannot hold "
-                                "class ids above 2^24 exactly)" % r)
             if nonfinite:
                 problems.append("rank %d has %d non-finite embedding values (NaN/inf)" % (r, nonfinite))
-            if is_int and nl:
-                lo, hi = int(ys[-1].min()), int(ys[-1].max())
-                if lo < IGNORE_LABEL or hi >= self.num_classes:
-                    problems.append("rank %d has label %d outside [0, %d) (%d marks an ignored row)"
-                                    % (r, lo if lo < IGNORE_LABEL else hi, self.num_classes, IGNORE_LABEL))
+            problems += self._label_problems(r, ys[-1], is_int)
+        if failures:
+            raise RuntimeError("PartialFC: step %d cannot run: %s" % (self.step, "; ".join(failures)))
         if problems:
             raise ValueError("PartialFC: bad input at step %d: %s" % (self.step, "; ".join(problems)))
         x_global = np.concatenate(xs).reshape(-1, self.embedding_size)
@@ -277,45 +389,42 @@ class PartialFC:
 
     # ------------------------------------------------------------------------------------ NumPy kernels
     def _head_numpy(self, xn, wn, w_inv, target_col, labelled, clock):
+        """The cosines are held transposed, (k, B): each sampled centre's row is contiguous, which is the layout
+        every product of the step wants (see ``products.py``); reductions over the centres run down axis 0."""
         batch, k = xn.shape[0], wn.shape[0]
-        logits = self._workspace.get("logits", (batch, k))
-        out_nd = mx.nd.from_numpy(logits.view(), zero_copy=True)
-        mx.nd.FullyConnected(mx.nd.array(xn), mx.nd.from_numpy(wn.view(), zero_copy=True),
-                             no_bias=True, num_hidden=k, out=out_nd)
-        out_nd.wait_to_read()
-        del out_nd  # logits is ours again: the products below are in NumPy
+        logits = self._workspace.get("logits", (k, batch))
+        product = products.CosineProduct(wn, xn, logits)
         clock.tick("logits_gemm")
 
-        r = np.flatnonzero(target_col >= 0)
+        r = np.flatnonzero(target_col >= 0)     # the global rows whose class this rank holds
         c = target_col[r]
-        psi, dpsi = self._target_terms(logits[r, c])
+        psi, dpsi = self._target_terms(logits[c, r])
         if self.interclass_filter > 0:
             dirty = logits > self.interclass_filter
-            dirty[r, c] = False
-        logits[r, c] = psi
+            dirty[c, r] = False
+        logits[c, r] = psi
         if self.interclass_filter > 0:
             logits[dirty] = _NEG_INF
-        row_max = self._finite_max(logits.max(axis=1).astype(np.float64) * self.scale)
+        row_max = self._finite_max(logits.max(axis=0).astype(np.float64) * self.scale)
         # exp(s*cos - local max) in place: logits becomes this rank's unnormalised probabilities
         logits *= np.float32(self.scale)
-        logits -= row_max[:, None]
+        logits -= row_max[None, :]
         np.exp(logits, out=logits)
         clock.tick("softmax")
         has_target = target_col >= 0
         target_logit = np.zeros(batch)
         target_logit[r] = self.scale * psi
-        factor, loss, rows = self._softmax_stats(row_max, logits.sum(axis=1, dtype=np.float64), target_logit,
+        factor, loss, rows = self._softmax_stats(row_max, logits.sum(axis=0, dtype=np.float64), target_logit,
                                                  has_target, labelled)
         clock.tick("softmax_sync")
         # d loss / d cos = s/B * (p - onehot) (B: labelled rows; ignored rows have factor 0), times psi' on targets
-        logits *= (factor * (self.scale / rows)).astype(np.float32)[:, None]
-        logits[r, c] -= np.float32(self.scale / rows)
-        logits[r, c] *= dpsi.astype(np.float32)
-        grad_cos = logits
+        logits *= (factor * (self.scale / rows)).astype(np.float32)[None, :]
+        logits[c, r] -= np.float32(self.scale / rows)
+        logits[c, r] *= dpsi.astype(np.float32)
         clock.tick("softmax")
-        grad_xn = grad_cos @ wn
+        grad_xn = product.embedding_grad()
         clock.tick("backward_gemm")
-        self._pending = {"index": self._index, "unit": wn, "inv_norm": w_inv, "grad_cos": grad_cos, "xn": xn}
+        self._pending = {"index": self._index, "unit": wn, "inv_norm": w_inv, "grad_cos": logits, "xn": xn}
         return loss, grad_xn
 
     # ---------------------------------------------------------------------------------- NDArray kernels
@@ -356,7 +465,9 @@ class PartialFC:
 
     def _unit_grad(self, p):
         """d(loss)/d(normalised sampled rows) = grad_cos^T . xn, in the bank's native array kind."""
-        if self.kernels == "numpy":
-            return p["grad_cos"].T @ p["xn"]
+        if self.kernels == "numpy":     # grad_cos is held transposed, (k, B)
+            grad_cos_t, xn = p["grad_cos"], p["xn"]
+            out = np.empty((grad_cos_t.shape[0], xn.shape[1]), np.float32)
+            return products.rows_times(grad_cos_t, products.transposed_nd(xn), out)
         grad_unit = mx.nd.dot(p["grad_cos"], p["xn"], transpose_a=True)
         return grad_unit.asnumpy() if self.bank.native == "numpy" else grad_unit

@@ -56,3 +56,21 @@ def dense_reference(x, labels, weight, classes, margins, scale, interclass_filte
     dx = (dxn - xn * np.sum(xn * dxn, axis=1, keepdims=True)) / xnorm
     dw = (dwn - wn * np.sum(wn * dwn, axis=1, keepdims=True)) / wnorm
     return loss, dx, dw, cos
+
+
+def init_rows_reference(class_ids, dim, seed, std=0.01):
+    """The banks' initial centres by their formula in plain NumPy: entry (c, j) is Box-Muller of the SplitMix64
+    hash of (c * dim + j) xor the seed's key."""
+    def splitmix64(x):
+        with np.errstate(over="ignore"):
+            z = x + np.uint64(0x9E3779B97F4A7C15)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            return z ^ (z >> np.uint64(31))
+    key = splitmix64(np.uint64(seed) + np.uint64(0x632BE59BD9B4E019))
+    ids = np.asarray(class_ids, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = splitmix64((ids[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)) ^ key)
+    u1 = ((h >> np.uint64(40)).astype(np.float64) + 1.0) / (1 << 24)
+    u2 = (h & np.uint64(0xFFFFFF)).astype(np.float64) / (1 << 24)
+    return (std * np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)).astype(np.float32)

@@ -5,6 +5,7 @@ import pytest
 
 from recognition.dist import shard_range
 from recognition.partial_fc.memory_bank import DeviceBank, HostBank, init_rows, make_bank
+from tests.partial_fc.pfc_reference import init_rows_reference
 
 
 def test_shards_are_contiguous_balanced_and_cover_every_class():
@@ -27,6 +28,22 @@ def test_init_rows_is_a_function_of_seed_and_class_id():
     # shards of any world size start from the same rows
     shard = HostBank(40, 16, class_start=60, seed=5)
     np.testing.assert_array_equal(shard.weight, a[60:100])
+
+
+def test_init_rows_follow_the_numpy_formula_and_fill_strided_buffers():
+    ids = np.array([0, 1, 77, 5_000_003, 123_456_789], dtype=np.int64)
+    expected = init_rows_reference(ids, 24, seed=9)
+    # the compiled kernel and NumPy may round libm's log / cos differently in the last float64 bit
+    np.testing.assert_allclose(init_rows(ids, 24, seed=9), expected, rtol=1e-6, atol=1e-9)
+    # the disk bank's layout: weight and momentum interleaved per row, only the selected rows written
+    from recognition.partial_fc import cpu_kernels
+    from recognition.partial_fc.memory_bank import init_key
+    buf = np.full((ids.size, 2, 24), 7.0, np.float32)
+    selected = np.array([True, False, True, True, False])
+    cpu_kernels.normal_rows(ids, init_key(9), 0.01, buf[:, 0], selected=selected, momentum=buf[:, 1])
+    np.testing.assert_allclose(buf[selected, 0], expected[selected], rtol=1e-6, atol=1e-9)
+    assert not buf[selected, 1].any()
+    assert np.all(buf[~selected] == 7.0)
 
 
 def _hand_step(w, v, grad_unit, lr, mom, wd):
