@@ -17,8 +17,9 @@ step, ``../shared/FFC.md``):
 4. each set's loss (``queue_loss.QueueLoss``), their sum for this rank, its gradient back through the products
    (autograd of the recorded ``FullyConnected`` calls) and through the normalisation;
 5. the side's loss is the mean over ranks (one more allgather; every rank sums in rank order, so the float is
-   the same everywhere) and the gradient returned is that mean's: 1/world of this rank's own. Summing the
-   backbone gradients over ranks (as Horovod does) therefore averages the ranks' gradients, as FFC.md asks;
+   the same everywhere) and the gradient returned is that mean's: 1/world of this rank's own. The trainer sums
+   backbone gradients over ranks (its convention for Partial FC too), which so averages the ranks' gradients as
+   FFC.md asks;
 6. ``keep=True`` writes the rows, bits and map changes planned in step 2; ``keep=False`` (side A) writes
    nothing, so the state afterwards is bit-identical to before and "undoing" costs nothing.
 """
@@ -30,6 +31,7 @@ import mxnet as mx
 from recognition import dist
 from recognition.ffc.queue_loss import LOSS_TYPES, QueueLoss, hard_negative_count
 from recognition.ffc.slot_map import LRUSlotMap
+from recognition.partial_fc.cpu_kernels import Workspace
 from recognition.partial_fc.operator import _Clock, l2_normalize_rows, normalization_backward
 
 # int64 header fields each rank sends about its inputs (see _gather_inputs); one block per input
@@ -115,7 +117,7 @@ class DynamicClassQueue:
         self.calls = 0                       # forward_backward calls so far (for error messages)
         self.last_stats = {}                 # counts of the last call (rows with a target, fresh rows, inserts ...)
         self.timings = defaultdict(float)    # seconds per phase, accumulated (benchmarks and logs read it)
-        self._workspace = {}
+        self._workspace = Workspace()        # the (n, Q) scratch arrays, reused from call to call
 
     # ----------------------------------------------------------------------------------------- public API
     @property
@@ -133,12 +135,12 @@ class DynamicClassQueue:
         target = self._slots.lookup(p_labels.tolist(), plan)
         clock.tick("lru")
         touched, last_writer, next_bits, existing = resolve_writes(plan.slots, plan.fresh, self._next_row)
-        new_rows = self._banks[:, touched].copy()            # (2, |S|, D): the touched slots after the inserts
+        new_rows = self._banks[:, touched]                   # (2, |S|, D) copy: the touched slots after the inserts
         for b in (0, 1):
             w = last_writer[b] >= 0
             new_rows[b, w] = g_unit[last_writer[b, w]]
         clock.tick("inserts")
-        loss_local, grad_unit = self._score(p, target, touched, new_rows, existing, clock)
+        loss_local, grad_probe = self._score(p, target, touched, new_rows, existing, clock)
         every = dist.allgather(np.array([loss_local], np.float64), name="ffc.loss")
         loss = float(np.sum(every) / self.world_size)
         clock.tick("loss_sync")
@@ -152,8 +154,8 @@ class DynamicClassQueue:
                            "evicted": len(plan.evicted), "existing": int(np.count_nonzero(existing))}
         clock.tick("commit")
         if isinstance(probe, mx.nd.NDArray):
-            return loss, mx.nd.array(grad_unit, ctx=probe.context, dtype="float32")
-        return loss, grad_unit
+            return loss, mx.nd.array(grad_probe, ctx=probe.context, dtype="float32")
+        return loss, grad_probe
 
     def state_dict(self):
         """Copies of the queue state: banks float32 (2, Q, D), slots int64 (n, 2) [label, slot] least recently
@@ -237,14 +239,6 @@ class DynamicClassQueue:
         return problems
 
     # ------------------------------------------------------------------------------------------ scoring
-    def _buffer(self, name, shape):
-        """A reused float32 scratch array (fresh 10 MB arrays every call cost page faults)."""
-        size = int(np.prod(shape))
-        buf = self._workspace.get(name)
-        if buf is None or buf.size < size:
-            buf = self._workspace[name] = np.empty(size, np.float32)
-        return buf[:size].reshape(shape)
-
     def _score(self, p, target, touched, new_rows, existing, clock):
         """This rank's loss (sum of both logit sets) and its gradient w.r.t. the raw probe rows (already / world)."""
         n, q = p.shape[0], self.queue_size
@@ -252,9 +246,9 @@ class DynamicClassQueue:
         order = np.argsort(target < 0, kind="stable")
         num_target = int(np.count_nonzero(target >= 0))
         unit, inv_norm = l2_normalize_rows(p[order])
-        grad_unit = np.zeros_like(unit)
+        grad_probe = np.zeros_like(unit)
         if n == 0:
-            return 0.0, grad_unit
+            return 0.0, grad_probe
         bank0 = mx.nd.from_numpy(self._banks[0].view(), zero_copy=True)
         unit_nd = mx.nd.array(unit)
         unit_nd.attach_grad()
@@ -263,18 +257,18 @@ class DynamicClassQueue:
         with mx.autograd.record():
             products = [mx.nd.FullyConnected(unit_nd, w, no_bias=True, num_hidden=w.shape[0])
                         for w in (bank0, new0, new1) if w.shape[0]]
-        cos1 = self._buffer("cos1", (n, q))
+        cos1 = self._workspace.get("cos1", (n, q))
         products[0].copyto(mx.nd.from_numpy(cos1.view(), zero_copy=True)).wait_to_read()
         small = [c.asnumpy() for c in products[1:]]
         clock.tick("logits_gemm")
-        cos2 = self._buffer("cos2", (n, q))
+        cos2 = self._workspace.get("cos2", (n, q))
         ex = touched[existing]
         if touched.size:
             cos1[:, touched] = small[0]
         cos2[:] = cos1
         if ex.size:
             cos2[:, ex] = small[1]
-        grad1, grad2 = self._buffer("grad1", (n, q)), self._buffer("grad2", (n, q))
+        grad1, grad2 = self._workspace.get("grad1", (n, q)), self._workspace.get("grad2", (n, q))
         target_sorted = target[order][:num_target]
         loss = self.loss_fn(cos1, target_sorted, grad1) + self.loss_fn(cos2, target_sorted, grad2)
         clock.tick("loss")
@@ -289,5 +283,5 @@ class DynamicClassQueue:
         grad_sorted = unit_nd.grad.asnumpy()
         clock.tick("backward_gemm")
         grad_sorted *= np.float32(1.0 / self.world_size)
-        grad_unit[order] = normalization_backward(unit, inv_norm, grad_sorted)
-        return loss, grad_unit
+        grad_probe[order] = normalization_backward(unit, inv_norm, grad_sorted)
+        return loss, grad_probe

@@ -29,10 +29,10 @@ def hard_negative_count(queue_size):
 def _top_k(rows, k, index_out, value_out):
     """The k largest entries of every row (descending), one pass a row; earlier columns win ties."""
     for i in range(rows.shape[0]):
-        count = 0
+        count, smallest = 0, -np.inf      # smallest kept value once k are kept: most entries stop at one compare
         for j in range(rows.shape[1]):
             v = rows[i, j]
-            if count < k or v > value_out[i, k - 1]:
+            if count < k or v > smallest:
                 p = count if count < k else k - 1
                 while p > 0 and value_out[i, p - 1] < v:
                     value_out[i, p] = value_out[i, p - 1]
@@ -42,6 +42,8 @@ def _top_k(rows, k, index_out, value_out):
                 index_out[i, p] = j
                 if count < k:
                     count += 1
+                if count == k:
+                    smallest = value_out[i, k - 1]
 
 
 class QueueLoss:
