@@ -129,7 +129,7 @@ class DynamicClassQueue:
         """The side's loss (mean over ranks, the same float on every rank) and its gradient w.r.t. this rank's raw
         ``probe`` rows (the kind of ``probe``: an NDArray on its context, or a NumPy array)."""
         clock = _Clock(self.timings)
-        p, p_labels, g_unit, g_labels = self._gather_inputs(probe, probe_labels, gallery, gallery_labels)
+        p, p_labels, g_unit, g_labels = self._gather_inputs(probe, probe_labels, gallery, gallery_labels, keep)
         clock.tick("gather")
         plan = self._slots.plan(g_labels.tolist())
         target = self._slots.lookup(p_labels.tolist(), plan)
@@ -192,26 +192,34 @@ class DynamicClassQueue:
         self._next_row = next_row.astype(np.uint8)
 
     # ------------------------------------------------------------------------------------------ checks
-    def _gather_inputs(self, probe, probe_labels, gallery, gallery_labels):
+    def _gather_inputs(self, probe, probe_labels, gallery, gallery_labels, keep):
         """Gather every rank's gallery (normalised by its owner) and labels with ONE allgather, with each rank's
-        header of both inputs, and check them identically on every rank. Returns this rank's probe (float32),
-        probe labels (int64), and the global gallery unit rows and labels in rank order."""
+        header of both inputs, its ``keep`` and its number of identities, and check them identically on every
+        rank (ranks that disagree on ``keep`` or hold different queues would drift apart silently). Returns this
+        rank's probe (float32), probe labels (int64), and the global gallery unit rows and labels in rank order."""
         p_fields, p, p_labels = _describe(_as_numpy(probe), _as_numpy(probe_labels))
         g_fields, g, g_labels = _describe(_as_numpy(gallery), _as_numpy(gallery_labels))
         usable = (g.ndim == 2 and g.shape[1] == self.embedding_size and g_labels.size == g.shape[0]
                   and g_fields[4] and not g_fields[5])     # only well-formed rows are normalised and sent
         payload = (l2_normalize_rows(g)[0] if usable else np.zeros((0, self.embedding_size), np.float32))
         sent = g_labels if usable else np.zeros(0, np.int64)
-        header = np.array(p_fields + g_fields + [payload.shape[0]], np.int64)
+        header = np.array(p_fields + g_fields + [int(bool(keep)), len(self._slots), payload.shape[0]], np.int64)
         every = dist.allgather(np.concatenate([header.view(np.float32), sent.view(np.float32),
                                                payload.reshape(-1)]), name="ffc.inputs")
         units, labels, problems, offset, width = [], [], [], 0, 2 * header.size
         for r in range(self.world_size):
             fields = every[offset:offset + width].view(np.int64)
             offset += width
-            for what, block in (("probe", fields[:len(_BLOCK)]), ("gallery", fields[len(_BLOCK):-1])):
+            for what, block in (("probe", fields[:len(_BLOCK)]), ("gallery", fields[len(_BLOCK):-3])):
                 problems += self._check_block(r, what, dict(zip(_BLOCK, block.tolist())))
-            rows = int(fields[-1])
+            rank_keep, identities, rows = fields[-3:].tolist()
+            if r == 0:
+                keep_0, identities_0 = rank_keep, identities
+            if rank_keep != keep_0:
+                problems.append("rank %d passed keep=%s but rank 0 keep=%s" % (r, bool(rank_keep), bool(keep_0)))
+            if identities != identities_0:
+                problems.append("rank %d's queue holds %d identities but rank 0's %d (the ranks' queues differ: "
+                                "load the same state on every rank)" % (r, identities, identities_0))
             labels.append(every[offset:offset + 2 * rows].view(np.int64))
             offset += 2 * rows
             units.append(every[offset:offset + rows * self.embedding_size].reshape(rows, self.embedding_size))

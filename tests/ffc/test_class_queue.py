@@ -120,6 +120,18 @@ def bad_input_body():
             messages[name] = None
         except ValueError as err:
             messages[name] = str(err)
+    try:                                            # side A on one rank, side B on the other: the queues would drift
+        dcq.forward_backward(x, labels, x, labels, keep=rank == 0)
+        messages["keep_mismatch"] = None
+    except ValueError as err:
+        messages["keep_mismatch"] = str(err)
+    diverged = DynamicClassQueue(Q, DIM, seed=3)    # rank 1 restored another state
+    diverged.load_state_dict(full_state() if rank == 0 else {**full_state(), "slots": full_state()["slots"][:5]})
+    try:
+        diverged.forward_backward(x, labels, x, labels)
+        messages["queues_differ"] = None
+    except ValueError as err:
+        messages["queues_differ"] = str(err)
     unchanged = dcq.state_dict()
     loss, _ = dcq.forward_backward(x, labels, x, labels, keep=True)
     return messages, before, unchanged, loss
@@ -207,6 +219,8 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank(rank_results):
         "float_labels": "rank 1 passed non-integer gallery labels",
         "probe_1d": "rank 0 probe has shape of 1 dimensions with no columns",
         "ndarray_nan": "rank 1 probe has 1 non-finite values",
+        "keep_mismatch": "rank 1 passed keep=False but rank 0 keep=True",
+        "queues_differ": "rank 1's queue holds 5 identities but rank 0's 12 (the ranks' queues differ",
     }
     for name, text in expected.items():
         assert msgs0[name] is not None and text in msgs0[name], (name, msgs0[name])
