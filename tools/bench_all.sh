@@ -27,10 +27,10 @@ for line in sys.stdin:
 }
 
 # head vs its oneDNN floor: 3 rounds of interleaved step / floor timings, median ratio with min and max
-run pfc_100k_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 100000 --sample-ratio 0.1 --rounds 3 --steps 7
-run pfc_1m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 0.1 --rounds 3 --steps 7
-run pfc_1m_r1.0 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 1.0 --rounds 3 --steps 3
-run pfc_4m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 4000000 --sample-ratio 0.1 --rounds 3 --steps 3
+run pfc_100k_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 100000 --sample-ratio 0.1 --steps 21 --rounds 3
+run pfc_1m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 0.1 --steps 21 --rounds 3
+run pfc_1m_r1.0 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 1.0 --steps 9 --rounds 3
+run pfc_4m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 4000000 --sample-ratio 0.1 --steps 9 --rounds 3
 run data_reader python tools/benchmark_data.py --images 8192 --epochs 2
 run train_mbf $HVD python tools/benchmark_train.py --backbone mbf --act-type prelu_conv --batch-size 64 \
     --num-classes 1000000 --sample-ratio 0.1 --steps 4 --warmup 1
@@ -40,7 +40,7 @@ run backbones python tools/count_flops.py --throughput mbf r18 --act-type prelu_
 if [ "${BENCH_10M:-0}" = 1 ]; then
     DISK=${BENCH_DISK_DIR:-/var/tmp/pfcbank}
     run pfc_10m_disk_r0.01 $HVD python tools/benchmark_pfc.py --num-classes 10000000 --sample-ratio 0.01 \
-        --bank-location disk --disk-dir "$DISK" --no-floor --warmup 2 --rounds 1 --steps 20
+        --bank-location disk --disk-dir "$DISK" --no-floor --warmup 2 --steps 20 --rounds 1
     rm -rf "$DISK"
     # the full step with the 10M disk bank against 1M in memory, interleaved in the same processes
     run train_mbf_10m_disk_vs_1m $HVD python tools/benchmark_train.py --backbone mbf --act-type prelu_conv \
@@ -49,7 +49,7 @@ if [ "${BENCH_10M:-0}" = 1 ]; then
     rm -rf "$DISK"
     # I/O bound: 30 s to 100 s a step here (about 1 GB of scattered row reads and writes per rank and step)
     run pfc_10m_disk_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 10000000 --sample-ratio 0.1 \
-        --bank-location disk --disk-dir "$DISK" --no-floor --warmup 2 --rounds 1 --steps 20
+        --bank-location disk --disk-dir "$DISK" --no-floor --warmup 2 --steps 20 --rounds 1
     rm -rf "$DISK"
 fi
 echo "bench: summary in $OUT/summary.jsonl"

@@ -1,17 +1,19 @@
 """Times the Partial FC head alone against its GEMM floor, measured in the same run.
 
     horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_pfc.py --num-classes 1000000 \\
-        --sample-ratio 0.1 --batch-size 64 --embedding-size 512 --rounds 3 --steps 7
+        --sample-ratio 0.1 --batch-size 64 --embedding-size 512 --steps 21 --rounds 3
 
 One step = gather -> sample -> bank pull -> logits -> margin softmax -> backward -> memory-bank update, on random
 embeddings with uniformly random labels (the sequential mode: nothing of the step is left running when it is
 timed). The floor is the head's three matrix products alone on the same shapes (logits, embedding gradient,
 centre gradient) through MXNet's oneDNN ``FullyConnected`` with operands already laid out as it wants them.
 
-The machine may be shared, so step and floor are interleaved: every round times ``--steps`` steps, each followed
-by one floor, and its ratio is median step / median floor of that round. The result is the median of the
+The machine may be shared, so step and floor are interleaved: the ``--steps`` timed steps are split into
+``--rounds`` rounds, every step is followed by one floor, and a round's ratio is its median step / its median
+floor. The result is the median of the
 rounds' ratios with their min and max. The last line printed (rank 0) is one JSON object: ratio, ratio_min,
-ratio_max, ms_per_step, gemm_ms_per_step, phase_ms, sample_ms, bank_ms, peak_anon_mb_per_rank, cpu, blas, ...
+ratio_max, ms_per_step, gemm_ms_per_step, phase_ms (median ms of each phase), sample_ms, bank_ms,
+peak_anon_mb_per_rank, cpu, blas, ...
 """
 import argparse
 import json
@@ -37,8 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--sample-ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64, help="per rank")
     p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=21, help="timed steps, split into --rounds rounds")
     p.add_argument("--rounds", type=int, default=3, help="rounds of interleaved step and floor timings")
-    p.add_argument("--steps", type=int, default=7, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--bank-location", choices=("device", "host", "disk"), default="device")
     p.add_argument("--disk-dir", default=None, help="folder for --bank-location disk (default: a temp folder)")
@@ -81,8 +83,8 @@ class GemmFloor:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.rounds < 1 or args.steps < 1:
-        raise SystemExit("--rounds and --steps must be at least 1")
+    if not 1 <= args.rounds <= args.steps:
+        raise SystemExit("--rounds must be between 1 and --steps (%d), got %d" % (args.steps, args.rounds))
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     if rank == 0:
@@ -94,14 +96,14 @@ def main(argv=None):
     rng = np.random.default_rng([1, rank])
     floor = None if args.no_floor else GemmFloor(size * args.batch_size, pfc.num_sample, args.embedding_size)
     step_ms, floor_ms, peak_anon = [[] for _ in range(args.rounds)], [[] for _ in range(args.rounds)], anon_rss_mb()
-    phase_totals = None
-    total = args.warmup + args.rounds * args.steps
+    round_of = np.repeat(np.arange(args.rounds), [len(c) for c in np.array_split(np.arange(args.steps), args.rounds)])
+    step_phases = []      # per timed step: {phase: ms}
+    total = args.warmup + args.steps
     started = time.perf_counter()
     for step in range(total):
         x = mx.nd.array(rng.standard_normal((args.batch_size, args.embedding_size), dtype=np.float32))
         y = mx.nd.array(rng.integers(0, args.num_classes, args.batch_size), dtype="int64")
-        if step == args.warmup:
-            phase_totals = dict(pfc.timings)
+        before = dict(pfc.timings)
         start = time.perf_counter()
         loss, grad = pfc.forward_backward(x, y)
         pfc.update(0.1)
@@ -109,25 +111,24 @@ def main(argv=None):
         elapsed = 1000.0 * (time.perf_counter() - start)
         # the floor is timed right after each step, so both see the same machine load
         gemm = floor.time_ms() if floor is not None else float("nan")
-        round_index = (step - args.warmup) // args.steps
+        round_index = round_of[step - args.warmup] if step >= args.warmup else -1
         if step >= args.warmup:
             step_ms[round_index].append(elapsed)
             floor_ms[round_index].append(gemm)
+            step_phases.append({k: 1000.0 * (v - before.get(k, 0.0)) for k, v in pfc.timings.items()})
         peak_anon = max(peak_anon, anon_rss_mb())
         if rank == 0:
             eta = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
             print("step %3d/%d %s %8.1f ms  (GEMM floor %6.1f ms)  loss %.4f  ETA %.0f s"
                   % (step + 1, total, "warm-up  " if step < args.warmup else "round %d/%d" % (round_index + 1,
                      args.rounds), elapsed, gemm, loss, eta), flush=True)
-    timed = args.rounds * args.steps
-    phases = {k: 1000.0 * (v - phase_totals.get(k, 0.0)) / timed for k, v in pfc.timings.items()}
+    phases = {k: float(np.median([p.get(k, 0.0) for p in step_phases])) for k in step_phases[-1]}
     ms = float(np.median(np.concatenate(step_ms)))
     ratios = None if floor is None else [float(np.median(s) / np.median(f)) for s, f in zip(step_ms, floor_ms)]
     result = {
         "num_classes": args.num_classes, "sample_ratio": args.sample_ratio, "world_size": size,
         "batch_size": args.batch_size, "embedding_size": args.embedding_size, "num_sample": pfc.num_sample,
-        "bank_location": args.bank_location, "kernels": pfc.kernels, "rounds": args.rounds,
-        "steps_per_round": args.steps,
+        "bank_location": args.bank_location, "kernels": pfc.kernels, "steps": args.steps, "rounds": args.rounds,
         "ms_per_step": round(ms, 2),
         "gemm_ms_per_step": None if floor is None else round(float(np.median(np.concatenate(floor_ms))), 2),
         "ratio": None if ratios is None else round(float(np.median(ratios)), 3),

@@ -79,6 +79,20 @@ def _fused_sgd(weight, mom, index, identity, offset, grad_unit, inv_norm, lr, mo
             weight[r, j] = w + v
 
 
+@njit(cache=True, nogil=True)
+def _transpose_columns(src, lo, out):
+    n, rows = out.shape
+    for j in range(n):          # contiguous writes; the strided reads of column j + 1 hit the lines column j loaded
+        for b in range(rows):
+            out[j, b] = src[b, lo + j]
+
+
+def transpose_columns(src, lo, hi, out):
+    """out (hi - lo, B) = src[:, lo:hi]^T for a C-contiguous (B, k) ``src`` with a small B (the batch)."""
+    _transpose_columns(src, int(lo), out[:hi - lo])
+    return out[:hi - lo]
+
+
 class Workspace:
     """Named scratch buffers reused from step to step.
 

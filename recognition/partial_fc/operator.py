@@ -41,7 +41,7 @@ import mxnet as mx
 from recognition import dist
 from recognition.partial_fc import products
 from recognition.partial_fc.bank_queue import BankQueue
-from recognition.partial_fc.cpu_kernels import NORM_EPS, Workspace
+from recognition.partial_fc.cpu_kernels import NORM_EPS, Workspace, transpose_columns
 from recognition.partial_fc.margin import CombinedMargin
 from recognition.partial_fc.memory_bank import make_bank
 from recognition.partial_fc.sampler import PPRNSampler
@@ -261,15 +261,15 @@ class PartialFC:
         """Centre gradient and bank update a block of rows at a time, so a block's gradient stays in cache
         between its product and its update instead of a (num_sample, D) array going through memory twice."""
         clock = _Clock(self.timings)
-        grad_cos_t, index, inv_norm = p["grad_cos"], p["index"], p["inv_norm"]
-        k, dim = grad_cos_t.shape[0], p["xn"].shape[1]
-        xn_t = products.transposed_nd(p["xn"])
+        grad_logits, index, inv_norm = p["grad_logits"], p["index"], p["inv_norm"]
+        (batch, k), dim = grad_logits.shape, p["x_scaled"].shape[1]
+        x_t = products.transposed_nd(p["x_scaled"])
         rows = max(1, UPDATE_BLOCK_FLOATS // dim)
         for lo in range(0, k, rows):
             hi = min(lo + rows, k)
-            grad_unit = products.rows_times(grad_cos_t[lo:hi], xn_t,
-                                            self._push_workspace.get("grad_block", (hi - lo, dim)))
-            clock.tick("backward_gemm")
+            block_t = transpose_columns(grad_logits, lo, hi, self._push_workspace.get("grad_t", (rows, batch)))
+            grad_unit = products.rows_times(block_t, x_t, self._push_workspace.get("grad_block", (hi - lo, dim)))
+            clock.tick("centre_gemm")
             self.bank.apply_grad(None if index is None else index[lo:hi], grad_unit, inv_norm[lo:hi], lr,
                                  self.momentum, self.weight_decay, offset=lo)
             clock.tick("bank_push")
@@ -277,7 +277,7 @@ class PartialFC:
     def _update_ndarray(self, p, lr):
         clock = _Clock(self.timings)
         grad_unit = self._unit_grad(p)
-        clock.tick("backward_gemm")
+        clock.tick("centre_gemm")
         self.bank.apply_grad(p["index"], grad_unit, p["inv_norm"], lr, self.momentum, self.weight_decay)
         clock.tick("bank_push")
 
@@ -389,42 +389,51 @@ class PartialFC:
 
     # ------------------------------------------------------------------------------------ NumPy kernels
     def _head_numpy(self, xn, wn, w_inv, target_col, labelled, clock):
-        """The cosines are held transposed, (k, B): each sampled centre's row is contiguous, which is the layout
-        every product of the step wants (see ``products.py``); reductions over the centres run down axis 0."""
+        """Logits z = s * cos straight from the product (the scale rides on the (B, D) embeddings), softmax of
+        each row by oneDNN, gradients with respect to z; see ``products.py`` for the layouts."""
         batch, k = xn.shape[0], wn.shape[0]
-        logits = self._workspace.get("logits", (k, batch))
-        product = products.CosineProduct(wn, xn, logits)
+        scale = np.float32(self.scale)
+        x_scaled = xn * scale
+        logits = self._workspace.get("logits", (batch, k))
+        product = products.LogitsProduct(x_scaled, wn, logits)
         clock.tick("logits_gemm")
 
         r = np.flatnonzero(target_col >= 0)     # the global rows whose class this rank holds
         c = target_col[r]
-        psi, dpsi = self._target_terms(logits[c, r])
+        psi, dpsi = self._target_terms(logits[r, c].astype(np.float64) / self.scale)
         if self.interclass_filter > 0:
-            dirty = logits > self.interclass_filter
-            dirty[c, r] = False
-        logits[c, r] = psi
+            dirty = logits > scale * np.float32(self.interclass_filter)
+            dirty[r, c] = False
+        logits[r, c] = self.scale * psi
         if self.interclass_filter > 0:
             logits[dirty] = _NEG_INF
-        row_max = self._finite_max(logits.max(axis=0).astype(np.float64) * self.scale)
-        # exp(s*cos - local max) in place: logits becomes this rank's unnormalised probabilities
-        logits *= np.float32(self.scale)
-        logits -= row_max[None, :]
-        np.exp(logits, out=logits)
+        top = logits.argmax(axis=1)
+        every = np.arange(batch)
+        row_max = logits[every, top]
+        empty = ~np.isfinite(row_max)           # every logit of the row filtered out on this rank
+        products.softmax_rows(logits)           # this rank's p_j = exp(z_j - m) / S, S = 1 / p_max
+        row_sum = 1.0 / logits[every, top].astype(np.float64)
+        if empty.any():
+            logits[empty] = 0.0
+            row_sum[empty] = 0.0
         clock.tick("softmax")
         has_target = target_col >= 0
         target_logit = np.zeros(batch)
         target_logit[r] = self.scale * psi
-        factor, loss, rows = self._softmax_stats(row_max, logits.sum(axis=0, dtype=np.float64), target_logit,
-                                                 has_target, labelled)
+        factor, loss, rows = self._softmax_stats(self._finite_max(row_max.astype(np.float64)), row_sum,
+                                                 target_logit, has_target, labelled)
         clock.tick("softmax_sync")
-        # d loss / d cos = s/B * (p - onehot) (B: labelled rows; ignored rows have factor 0), times psi' on targets
-        logits *= (factor * (self.scale / rows)).astype(np.float32)[None, :]
-        logits[c, r] -= np.float32(self.scale / rows)
-        logits[c, r] *= dpsi.astype(np.float32)
+        # d loss / d z = (p - onehot) / B (B: labelled rows; ignored rows have factor 0), times psi' on targets;
+        # p = this rank's p_j * S * factor
+        logits *= (factor * row_sum / rows).astype(np.float32)[:, None]
+        logits[r, c] -= np.float32(1.0 / rows)
+        logits[r, c] *= dpsi.astype(np.float32)
         clock.tick("softmax")
-        grad_xn = product.embedding_grad()
-        clock.tick("backward_gemm")
-        self._pending = {"index": self._index, "unit": wn, "inv_norm": w_inv, "grad_cos": logits, "xn": xn}
+        grad_xn = product.data_grad()
+        grad_xn *= scale                        # z = (s x) . w: d loss / d x = s * d loss / d (s x)
+        clock.tick("embedding_gemm")
+        self._pending = {"index": self._index, "unit": wn, "inv_norm": w_inv, "grad_logits": logits,
+                         "x_scaled": x_scaled}
         return loss, grad_xn
 
     # ---------------------------------------------------------------------------------- NDArray kernels
@@ -464,10 +473,11 @@ class PartialFC:
         return loss, grad_xn
 
     def _unit_grad(self, p):
-        """d(loss)/d(normalised sampled rows) = grad_cos^T . xn, in the bank's native array kind."""
-        if self.kernels == "numpy":     # grad_cos is held transposed, (k, B)
-            grad_cos_t, xn = p["grad_cos"], p["xn"]
-            out = np.empty((grad_cos_t.shape[0], xn.shape[1]), np.float32)
-            return products.rows_times(grad_cos_t, products.transposed_nd(xn), out)
+        """d(loss)/d(normalised sampled rows) = grad_logits^T . (s xn), in the bank's native array kind."""
+        if self.kernels == "numpy":
+            grad_logits, x_scaled = p["grad_logits"], p["x_scaled"]
+            (batch, k), dim = grad_logits.shape, x_scaled.shape[1]
+            grad_t = transpose_columns(grad_logits, 0, k, np.empty((k, batch), np.float32))
+            return products.rows_times(grad_t, products.transposed_nd(x_scaled), np.empty((k, dim), np.float32))
         grad_unit = mx.nd.dot(p["grad_cos"], p["xn"], transpose_a=True)
         return grad_unit.asnumpy() if self.bank.native == "numpy" else grad_unit

@@ -1,17 +1,18 @@
-"""The head's matrix products on the CPU, all through MXNet's oneDNN ``FullyConnected``, on NumPy arrays in place.
+"""The CPU head's matrix products and softmax through MXNet's oneDNN kernels, on NumPy arrays in place.
 
-oneDNN is the fastest matrix product this project has on a CPU, and it picks its kernels for the CPU it runs
-on; numpy's bundled OpenBLAS may not know a newer CPU and fall back to a generic core several times slower
-(``recognition/blas_check.py``). So no product of a training step goes through numpy's BLAS.
+oneDNN picks its kernels for the CPU it runs on; numpy's bundled OpenBLAS may not know a newer CPU and fall back
+to a generic core several times slower (``recognition/blas_check.py``), and numpy's float32 ``exp`` is about
+3x slower than oneDNN's softmax whole. So nothing of a training step goes through numpy's BLAS.
 
 ``FullyConnected(data, weight)`` is data . weight^T: both operands contract over their last (contiguous) axis.
-With the cosine matrix held transposed, one row per sampled centre (k x B), every product of the step fits:
+With X the (B x D) embeddings (times the scale s), W the (k x D) sampled unit centres, Z = X . W^T the (B x k)
+logits and G = d loss / d Z:
 
-    logits^T  (k x B) = FullyConnected(W_unit (k x D), X (B x D))                      forward
-    dL/dX     (B x D) = G^T . W_unit, the weight gradient of that same FullyConnected    (MXNet autograd)
-    dL/dW_unit block (n x D) = FullyConnected(G[lo:hi] (n x B), X^T (D x B))           a contiguous row block
+    Z             = FullyConnected(X, W)                 forward, softmax over each row of Z (oneDNN)
+    d loss / d X  = G . W, the data gradient of that same FullyConnected (MXNet autograd, X the only variable)
+    d loss / d W[lo:hi] = FullyConnected(G[:, lo:hi]^T, X^T)   a block of rows, G's columns transposed in cache
 
-where G (k x B) is d loss / d logits^T. None of them copies or transposes a (k x D) or (k x B) operand.
+so no (k x D) operand is ever copied or transposed.
 """
 import numpy as np
 import mxnet as mx
@@ -31,29 +32,36 @@ def rows_times(data, weight_nd, out):
     return out
 
 
-class CosineProduct:
-    """logits^T = W_unit . X^T now, and d loss / d X = G^T . W_unit later (``embedding_grad``), for one step.
+def softmax_rows(a):
+    """Softmax of each row of the C-contiguous float32 matrix ``a``, in place (oneDNN). A row that is all -inf
+    comes back as NaN: the caller handles such rows."""
+    view = nd_view(a)
+    mx.nd.softmax(view, axis=-1, out=view).wait_to_read()
+    return a
 
-    The forward is recorded by MXNet's autograd with X the only variable, so the backward runs oneDNN's weight
+
+class LogitsProduct:
+    """Z = X . W^T now, and d loss / d X = G . W later (``data_grad``), for one step.
+
+    The forward is recorded by MXNet's autograd with X the only variable, so the backward runs oneDNN's data
     gradient alone (no gradient for the k x D centres is computed).
     """
 
-    def __init__(self, unit_rows, embeddings, out):
-        self.batch, dim = embeddings.shape
+    def __init__(self, embeddings, unit_rows, out):
         self._x = mx.nd.array(embeddings)
-        self._x_grad = mx.nd.zeros((self.batch, dim))
+        self._x_grad = mx.nd.zeros(embeddings.shape)
         mx.autograd.mark_variables([self._x], [self._x_grad])
         with mx.autograd.record(train_mode=False):
-            self._cos = mx.nd.FullyConnected(nd_view(unit_rows), self._x, no_bias=True, num_hidden=self.batch,
-                                             out=nd_view(out))
-        self._cos.wait_to_read()
+            self._logits = mx.nd.FullyConnected(self._x, nd_view(unit_rows), no_bias=True,
+                                                num_hidden=unit_rows.shape[0], out=nd_view(out))
+        self._logits.wait_to_read()
         self._out = out
 
-    def embedding_grad(self):
-        """d loss / d X (B x D NumPy), once ``out`` holds d loss / d logits^T (the caller overwrote it in place)."""
-        self._cos.backward(out_grad=nd_view(self._out))
+    def data_grad(self):
+        """d loss / d X (B x D NumPy), once ``out`` holds d loss / d Z (the caller overwrote it in place)."""
+        self._logits.backward(out_grad=nd_view(self._out))
         grad = self._x_grad.asnumpy()
-        self._cos = self._x = None     # drop the recorded graph
+        self._logits = self._x = None     # drop the recorded graph
         return grad
 
 

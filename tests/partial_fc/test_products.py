@@ -7,27 +7,39 @@ import numpy as np
 from tests.harness import ROOT
 
 
-def test_cosine_product_and_its_embedding_gradient():
+def test_logits_product_and_its_data_gradient():
     from recognition.partial_fc import products
     rng = np.random.default_rng(0)
-    w, x = rng.standard_normal((300, 24)).astype(np.float32), rng.standard_normal((5, 24)).astype(np.float32)
-    out = np.full((300, 5), np.nan, np.float32)
-    product = products.CosineProduct(w, x, out)
-    np.testing.assert_allclose(out, w.astype(np.float64) @ x.T, rtol=1e-5, atol=1e-5)
-    g = rng.standard_normal((300, 5)).astype(np.float32)
-    out[:] = g                              # the caller overwrites the cosines with their gradient in place
-    np.testing.assert_allclose(product.embedding_grad(), g.T.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
+    x, w = rng.standard_normal((5, 24)).astype(np.float32), rng.standard_normal((300, 24)).astype(np.float32)
+    out = np.full((5, 300), np.nan, np.float32)
+    product = products.LogitsProduct(x, w, out)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-5, atol=1e-5)
+    g = rng.standard_normal((5, 300)).astype(np.float32)
+    out[:] = g                              # the caller overwrites the logits with their gradient in place
+    np.testing.assert_allclose(product.data_grad(), g.astype(np.float64) @ w, rtol=1e-5, atol=1e-4)
     assert out.flags.writeable and w.flags.writeable      # only the views handed to MXNet became read-only
 
 
-def test_row_block_times_a_transposed_operand():
+def test_centre_gradient_block_from_transposed_columns():
     from recognition.partial_fc import products
+    from recognition.partial_fc.cpu_kernels import transpose_columns
     rng = np.random.default_rng(1)
-    g, x = rng.standard_normal((300, 5)).astype(np.float32), rng.standard_normal((5, 24)).astype(np.float32)
-    x_t = products.transposed_nd(x)
-    out = np.empty((100, 24), np.float32)
-    products.rows_times(g[100:200], x_t, out)      # a contiguous row block, no copy
-    np.testing.assert_allclose(out, g[100:200].astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+    g, x = rng.standard_normal((5, 300)).astype(np.float32), rng.standard_normal((5, 24)).astype(np.float32)
+    block = transpose_columns(g, 100, 237, np.full((150, 5), np.nan, np.float32))
+    np.testing.assert_array_equal(block, g[:, 100:237].T)
+    out = np.empty((137, 24), np.float32)
+    products.rows_times(block, products.transposed_nd(x), out)
+    np.testing.assert_allclose(out, g[:, 100:237].T.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_rows_in_place():
+    from recognition.partial_fc import products
+    rng = np.random.default_rng(2)
+    z = (20 * rng.standard_normal((4, 1000))).astype(np.float32)
+    z[1, 10:] = -np.inf                     # filtered logits take no probability
+    expected = np.exp(z.astype(np.float64) - z.max(axis=1, keepdims=True))
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(products.softmax_rows(z), expected, rtol=1e-5, atol=1e-7)
 
 
 HOT_PATH = ["operator.py", "products.py", "cpu_kernels.py", "memory_bank.py", "disk_bank.py", "sampler.py",
