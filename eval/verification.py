@@ -277,6 +277,8 @@ def main(argv=None):
     """Run the CLI; returns the exit status (0, or 1 after printing an error)."""
     args = parse_args(argv)
     import mxnet as mx
+    from recognition.blas_check import warn_if_generic_blas
+    warn_if_generic_blas()              # the metrics run numpy products
     try:
         names = [n.strip() for n in args.target.split(",") if n.strip()]
         if not names:
