@@ -58,21 +58,25 @@ def reader_worker(rec_path, num_classes, rank, num_ranks, batch_size, threads, e
     return {"rank": rank, "images": images, "seconds": time.perf_counter() - start, "open_s": open_s}
 
 
-def run_ranks(args, rec_path, num_classes, num_ranks):
-    """Run ``num_ranks`` reader processes at once; (images/s over the slower rank's time, per-rank results)."""
-    procs = []
-    for rank in range(num_ranks):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", rec_path, str(num_classes), str(rank),
-               str(num_ranks), "--batch-size", str(args.batch_size), "--threads", str(args.threads),
-               "--epochs", str(args.epochs)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                      env=dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1")))
+def run_workers(commands, what):
+    """Start every command at once (one thread each); the JSON object each prints last, in order."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1"))
+             for cmd in commands]
     results = []
     for proc in procs:
         out, _ = proc.communicate()
         if proc.returncode:
-            raise RuntimeError("reader worker failed with exit code %d" % proc.returncode)
+            raise RuntimeError("%s worker failed with exit code %d" % (what, proc.returncode))
         results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def run_ranks(args, rec_path, num_classes, num_ranks):
+    """Run ``num_ranks`` reader processes at once; (images/s over the slower rank's time, per-rank results)."""
+    results = run_workers([[sys.executable, os.path.abspath(__file__), "--worker", rec_path, str(num_classes),
+                            str(rank), str(num_ranks), "--batch-size", str(args.batch_size), "--threads",
+                            str(args.threads), "--epochs", str(args.epochs)] for rank in range(num_ranks)], "reader")
     total = sum(r["images"] for r in results)
     return total / max(r["seconds"] for r in results), results
 

@@ -16,7 +16,6 @@ figure; one JSON line follows.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,20 +61,11 @@ def resume_worker(rec, num_classes, rank, num_ranks, batch_size, threads, fracti
 
 def run_fraction(args, found, fraction):
     """Run every rank of one resume at once; the per-rank dicts."""
-    procs = []
-    for rank in range(args.ranks):
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", found["rec"], str(found["num_classes"]),
-               str(rank), str(fraction), "--ranks", str(args.ranks), "--batch-size", str(args.batch_size),
-               "--threads", str(args.threads), "--steps", str(args.steps)]
-        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                      env=dict(os.environ, OMP_NUM_THREADS="1", MXNET_CPU_WORKER_NTHREADS="1")))
-    results = []
-    for proc in procs:
-        out, _ = proc.communicate()
-        if proc.returncode:
-            raise RuntimeError("resume worker failed with exit code %d" % proc.returncode)
-        results.append(json.loads(out.strip().splitlines()[-1]))
-    return results
+    from tools.benchmark_data import run_workers
+    return run_workers([[sys.executable, os.path.abspath(__file__), "--worker", found["rec"],
+                         str(found["num_classes"]), str(rank), str(fraction), "--ranks", str(args.ranks),
+                         "--batch-size", str(args.batch_size), "--threads", str(args.threads), "--steps",
+                         str(args.steps)] for rank in range(args.ranks)], "resume")
 
 
 def find_or_make_data(data_dir, images):
