@@ -30,6 +30,7 @@ import mxnet as mx  # noqa: E402
 import horovod.mxnet as hvd  # noqa: E402
 
 from recognition.blas_check import blas_cores, cpu_model, warn_if_generic_blas  # noqa: E402
+from recognition.dist import barrier  # noqa: E402
 from recognition.partial_fc import PartialFC  # noqa: E402
 
 
@@ -104,12 +105,14 @@ def main(argv=None):
         x = mx.nd.array(rng.standard_normal((args.batch_size, args.embedding_size), dtype=np.float32))
         y = mx.nd.array(rng.integers(0, args.num_classes, args.batch_size), dtype="int64")
         before = dict(pfc.timings)
+        barrier()       # the ranks start together: a step's collectives wait only for the step's own work
         start = time.perf_counter()
         loss, grad = pfc.forward_backward(x, y)
         pfc.update(0.1)
         grad.wait_to_read()
         elapsed = 1000.0 * (time.perf_counter() - start)
         # the floor is timed right after each step, so both see the same machine load
+        barrier()
         gemm = floor.time_ms() if floor is not None else float("nan")
         round_index = round_of[step - args.warmup] if step >= args.warmup else -1
         if step >= args.warmup:

@@ -78,6 +78,9 @@ def build_trainer(args, classes, ratio, bank):
     cfg = config_from_args(argv)
     cfg.bank_pipeline = not args.sequential_bank
     trainer = Trainer(cfg)
+    # the start-up broadcasts run asynchronously; the next trainer's carry the same tensor names
+    import mxnet as mx
+    mx.nd.waitall()
     return trainer, trainer.method.reader.epoch(0)
 
 

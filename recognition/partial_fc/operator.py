@@ -52,6 +52,7 @@ META_FIELDS = 6      # int64 header fields of each rank's input segment (see _ga
 # floats per block of the CPU centre-gradient + update pass: 8 MB stays in the last-level cache between its
 # product and its update, and blocks this large keep oneDNN's per-call overhead small
 UPDATE_BLOCK_FLOATS = 1 << 21
+UPDATE_BUFFERS = 3   # block gradients in flight between the update's products and the bank thread
 
 
 def l2_normalize_rows(a):
@@ -227,12 +228,15 @@ class PartialFC:
     def update(self, lr):
         """SGD-momentum step (learning rate ``lr``) on the centres sampled in the last forward_backward.
 
-        Pipelined, the step is queued on the bank thread and this returns at once."""
+        Pipelined, the bank's share (the SGD step and the write-back of each block of rows) is queued on the bank
+        thread; this returns once the centre gradient's products are done."""
         if self._pending is None:
             raise RuntimeError("PartialFC.update() needs a forward_backward() first (and only one update per step)")
         pending, self._pending = self._pending, None
-        job = self._update_blocked if self.kernels == "numpy" else self._update_ndarray
-        self._bank_jobs.submit("update step %d" % (self.step - 1), job, pending, float(lr))
+        if self.kernels == "numpy":
+            self._update_blocked(pending, float(lr))
+        else:
+            self._bank_jobs.submit("update step %d" % (self.step - 1), self._update_ndarray, pending, float(lr))
 
     def flush(self, agree=False):
         """Wait for every queued bank job. ``agree=True`` (a collective: every rank must call it) makes every rank
@@ -258,21 +262,32 @@ class PartialFC:
         return self.bank.pull(index)
 
     def _update_blocked(self, p, lr):
-        """Centre gradient and bank update a block of rows at a time, so a block's gradient stays in cache
-        between its product and its update instead of a (num_sample, D) array going through memory twice."""
+        """The centre gradient a block of rows at a time, here (its products go through MXNet's engine, which the
+        next step's forward will keep busy); each block's SGD step and write-back is a bank job, which the bank
+        thread runs while the next block's product and then the next forward run. UPDATE_BUFFERS block buffers
+        take turns, so a block's gradient is still in cache when its job reads it."""
         clock = _Clock(self.timings)
         grad_logits, index, inv_norm = p["grad_logits"], p["index"], p["inv_norm"]
         (batch, k), dim = grad_logits.shape, p["x_scaled"].shape[1]
         x_t = products.transposed_nd(p["x_scaled"])
         rows = max(1, UPDATE_BLOCK_FLOATS // dim)
-        for lo in range(0, k, rows):
-            hi = min(lo + rows, k)
+        jobs = [None] * UPDATE_BUFFERS
+        for n, lo in enumerate(range(0, k, rows)):
+            hi, slot = min(lo + rows, k), n % UPDATE_BUFFERS
+            if jobs[slot] is not None:
+                jobs[slot].exception()      # its buffer is free again (a failure is reported by the next step)
+                clock.tick("bank_push")
             block_t = transpose_columns(grad_logits, lo, hi, self._push_workspace.get("grad_t", (rows, batch)))
-            grad_unit = products.rows_times(block_t, x_t, self._push_workspace.get("grad_block", (hi - lo, dim)))
+            grad_unit = products.rows_times(block_t, x_t,
+                                            self._push_workspace.get("grad_block%d" % slot, (hi - lo, dim)))
             clock.tick("centre_gemm")
-            self.bank.apply_grad(None if index is None else index[lo:hi], grad_unit, inv_norm[lo:hi], lr,
-                                 self.momentum, self.weight_decay, offset=lo)
+            jobs[slot] = self._bank_jobs.submit("update step %d, rows %d-%d" % (self.step - 1, lo, hi),
+                                                self._push_block, index, lo, hi, grad_unit, inv_norm, lr)
             clock.tick("bank_push")
+
+    def _push_block(self, index, lo, hi, grad_unit, inv_norm, lr):
+        self.bank.apply_grad(None if index is None else index[lo:hi], grad_unit, inv_norm[lo:hi], lr,
+                             self.momentum, self.weight_decay, offset=lo)
 
     def _update_ndarray(self, p, lr):
         clock = _Clock(self.timings)

@@ -67,7 +67,9 @@ class PPRNSampler:
         positives = np.unique(local[in_shard])
         negatives = uniform_negatives(self.rng_for_step(step), self.num_local, positives,
                                       self.num_sample - positives.size)
-        index = np.concatenate([positives, negatives])
-        index.sort(kind="stable")
+        chosen = np.zeros(self.num_local, dtype=np.bool_)     # a pass over a byte mask sorts faster than sort()
+        chosen[positives] = True
+        chosen[negatives] = True
+        index = np.flatnonzero(chosen)
         target_col[in_shard] = np.searchsorted(index, local[in_shard])
         return index, target_col

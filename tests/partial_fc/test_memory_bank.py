@@ -33,15 +33,15 @@ def test_init_rows_is_a_function_of_seed_and_class_id():
 def test_init_rows_follow_the_numpy_formula_and_fill_strided_buffers():
     ids = np.array([0, 1, 77, 5_000_003, 123_456_789], dtype=np.int64)
     expected = init_rows_reference(ids, 24, seed=9)
-    # the compiled kernel and NumPy may round libm's log / cos differently in the last float64 bit
-    np.testing.assert_allclose(init_rows(ids, 24, seed=9), expected, rtol=1e-6, atol=1e-9)
+    # the kernel's float32 log / cos: a few float32 ulps, or 1e-5 of the std near cos' zeros (angle rounding)
+    np.testing.assert_allclose(init_rows(ids, 24, seed=9), expected, rtol=1e-5, atol=1e-7)
     # the disk bank's layout: weight and momentum interleaved per row, only the selected rows written
     from recognition.partial_fc import cpu_kernels
     from recognition.partial_fc.memory_bank import init_key
     buf = np.full((ids.size, 2, 24), 7.0, np.float32)
     selected = np.array([True, False, True, True, False])
     cpu_kernels.normal_rows(ids, init_key(9), 0.01, buf[:, 0], selected=selected, momentum=buf[:, 1])
-    np.testing.assert_allclose(buf[selected, 0], expected[selected], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(buf[selected, 0], expected[selected], rtol=1e-5, atol=1e-7)
     assert not buf[selected, 1].any()
     assert np.all(buf[~selected] == 7.0)
 
