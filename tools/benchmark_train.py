@@ -11,7 +11,8 @@ Trainer.train_step waits for MXNet's engine between them) and the head's share o
 ``--versus CLASSES,RATIO,BANK`` (repeatable) times more settings in the same processes, interleaved with the
 first one: each of ``--rounds`` rounds runs ``--steps`` steps of every setting in turn, and each setting's
 ratio to the first is the median over the rounds of (its median step / the first's median step), with min and
-max. For example the out-of-core bank against the in-memory one:
+max. Every setting keeps its own trainer (backbone, bank) in memory: the example below peaked at about 21 GB
+of the 24 GB machine in total (2 ranks). For example the out-of-core bank against the in-memory one:
 
     horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_train.py --backbone mbf --act-type prelu_conv \\
         --num-classes 1000000 --sample-ratio 0.1 --bank-location device \\
@@ -140,8 +141,12 @@ def main(argv=None):
     result.update(results[0])
     if len(results) > 1:
         result["versus"] = results[1:]
-    result.update(omp_num_threads=os.environ.get("OMP_NUM_THREADS"), cpu=cpu_model(), blas=blas_cores(),
-                  load_avg=[round(v, 2) for v in os.getloadavg()])
+    import resource
+    import mxnet as mx
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peaks = hvd.allgather(mx.nd.array([peak]), name="bench.peak_rss").asnumpy()
+    result.update(peak_rss_mb_per_rank=[round(float(v)) for v in peaks],
+                  omp_num_threads=os.environ.get("OMP_NUM_THREADS"), cpu=cpu_model(), blas=blas_cores(), load_avg=[round(v, 2) for v in os.getloadavg()])
     if rank == 0:
         print(json.dumps(result), flush=True)
 

@@ -52,7 +52,9 @@ META_FIELDS = 6      # int64 header fields of each rank's input segment (see _ga
 # floats per block of the CPU centre-gradient + update pass: 8 MB stays in the last-level cache between its
 # product and its update, and blocks this large keep oneDNN's per-call overhead small
 UPDATE_BLOCK_FLOATS = 1 << 21
-UPDATE_BUFFERS = 3   # block gradients in flight between the update's products and the bank thread
+# block gradients in flight between the update's products and the bank thread: the disk bank's blocks wait for
+# their write-back (I/O), so more of them may queue there (8 MB each)
+UPDATE_BUFFERS = {"device": 3, "host": 3, "disk": 8}
 
 
 def l2_normalize_rows(a):
@@ -133,6 +135,7 @@ class PartialFC:
         self._pending = None     # what update() needs from the last forward_backward
         self._prepared = None    # (global labels, index, target_col, pull future, local labels) from prepare()
         self._bank_jobs = BankQueue(threaded=pipeline)
+        self._update_buffers = UPDATE_BUFFERS.get(bank_location, 3)
         self._workspace = Workspace()
         self._push_workspace = Workspace()   # the update's blocks (it may run on the bank thread)
         self.timings = defaultdict(float)   # seconds per phase, accumulated (benchmarks and logs read it)
@@ -264,16 +267,16 @@ class PartialFC:
     def _update_blocked(self, p, lr):
         """The centre gradient a block of rows at a time, here (its products go through MXNet's engine, which the
         next step's forward will keep busy); each block's SGD step and write-back is a bank job, which the bank
-        thread runs while the next block's product and then the next forward run. UPDATE_BUFFERS block buffers
-        take turns, so a block's gradient is still in cache when its job reads it."""
+        thread runs while the next block's product and then the next forward run. A few block buffers take turns
+        (UPDATE_BUFFERS), so a block's gradient is still in cache when its job reads it."""
         clock = _Clock(self.timings)
         grad_logits, index, inv_norm = p["grad_logits"], p["index"], p["inv_norm"]
         (batch, k), dim = grad_logits.shape, p["x_scaled"].shape[1]
         x_t = products.transposed_nd(p["x_scaled"])
         rows = max(1, UPDATE_BLOCK_FLOATS // dim)
-        jobs = [None] * UPDATE_BUFFERS
+        jobs = [None] * self._update_buffers
         for n, lo in enumerate(range(0, k, rows)):
-            hi, slot = min(lo + rows, k), n % UPDATE_BUFFERS
+            hi, slot = min(lo + rows, k), n % len(jobs)
             if jobs[slot] is not None:
                 jobs[slot].exception()      # its buffer is free again (a failure is reported by the next step)
                 clock.tick("bank_push")

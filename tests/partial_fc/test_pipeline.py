@@ -117,7 +117,7 @@ def one_rank_body():
 
 def two_rank_body():
     return {"cases": [(_train(r, b, pipelined=False), _train(r, b, pipelined=True)) for r, b in CASES],
-            "ndarray": (_train(0.1, "device", False, kernels="ndarray"), _train(0.1, "device", True, kernels="ndarray")),
+            "ndarray": tuple(_train(0.1, "device", mode, kernels="ndarray") for mode in (False, True)),
             "failing": _failing_bank(fail_rank=1), "labels": _changed_labels()}
 
 
