@@ -15,6 +15,18 @@ import time
 import numpy as np
 
 
+class PhaseClock:
+    """Adds the time since the last tick to ``timings[phase]`` (per-phase timings of a step, for benchmarks)."""
+
+    def __init__(self, timings):
+        self.timings, self.last = timings, time.perf_counter()
+
+    def tick(self, phase):
+        now = time.perf_counter()
+        self.timings[phase] += now - self.last
+        self.last = now
+
+
 def format_duration(seconds):
     """h:mm:ss (hours unbounded)."""
     seconds = int(round(max(0.0, seconds)))

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make bench`: the benchmark table of docs/benchmarks.md, about 25 minutes on 2 cores. Every run's full
+# `make bench`: the benchmark tables of docs/benchmarks.md (sections 1 and 3-7; the Partial FC, reader, training
+# and backbone runs took about 25 minutes on 2 cores, the FFC, id-loader and resume runs add to that). Every run's full
 # output goes to $BENCH_OUT (default bench_output/); the JSON line each benchmark ends with is collected in
 # $BENCH_OUT/summary.jsonl. BENCH_10M=1 adds the out-of-core 10M-class runs (disk bank, sparse files under
 # $BENCH_DISK_DIR, default /var/tmp/pfcbank; ratio 0.1 takes about 30 minutes).
@@ -37,6 +38,14 @@ run train_mbf $HVD python tools/benchmark_train.py --backbone mbf --act-type pre
 run train_r50 $HVD python tools/benchmark_train.py --backbone r50 --act-type prelu_conv --batch-size 64 \
     --num-classes 1000000 --sample-ratio 0.1 --steps 2 --warmup 1
 run backbones python tools/count_flops.py --throughput mbf r18 --act-type prelu_conv --batch-size 32 --iters 3
+# FFC's id loader against RecordReader on the demo-sized set (section 4)
+python tools/make_synthetic.py "$OUT/id_loader_data" --identities 300 --images 20 > /dev/null
+run id_loader python tools/benchmark_id_loader.py "$OUT/id_loader_data" --rounds 3
+# time to the first batch after resuming at 0 / 50 / 90 % of a 20k-image epoch, 2 ranks (section 6)
+run resume python tools/benchmark_resume.py --data-dir "$OUT/resume_data"
+# FFC's head at 1M / 10M / 100M identities beside Partial FC at 1M, in the same rounds (section 7)
+run ffc_head $HVD python tools/benchmark_ffc.py --num-identities 1000000 10000000 100000000 --pfc-classes 1000000 \
+    --steps 32
 if [ "${BENCH_10M:-0}" = 1 ]; then
     DISK=${BENCH_DISK_DIR:-/var/tmp/pfcbank}
     run pfc_10m_disk_r0.01 $HVD python tools/benchmark_pfc.py --num-classes 10000000 --sample-ratio 0.01 \
@@ -44,7 +53,7 @@ if [ "${BENCH_10M:-0}" = 1 ]; then
     rm -rf "$DISK"
     # the full step with the 10M disk bank against 1M in memory, interleaved in the same processes
     run train_mbf_10m_disk_vs_1m $HVD python tools/benchmark_train.py --backbone mbf --act-type prelu_conv \
-        --batch-size 64 --num-classes 1000000 --sample-ratio 0.1 --bank-location device \
+        --batch-size 64 --num-classes 1000000 --sample-ratio 0.01 --bank-location device \
         --versus 10000000,0.01,disk --disk-dir "$DISK" --rounds 3 --steps 2 --warmup 1
     rm -rf "$DISK"
     # I/O bound: 30 s to 100 s a step here (about 1 GB of scattered row reads and writes per rank and step)

@@ -31,8 +31,8 @@ import mxnet as mx
 from recognition import dist
 from recognition.ffc.queue_loss import LOSS_TYPES, QueueLoss, hard_negative_count
 from recognition.ffc.slot_map import LRUSlotMap
-from recognition.partial_fc.cpu_kernels import Workspace
-from recognition.partial_fc.operator import _Clock, l2_normalize_rows, normalization_backward
+from recognition.partial_fc.cpu_kernels import Workspace, l2_normalize_rows, normalization_backward
+from recognition.progress import PhaseClock
 
 # int64 header fields each rank sends about its inputs (see _gather_inputs); one block per input
 _BLOCK = ("rows", "dim", "ndim", "num_labels", "labels_int", "nonfinite", "neg_row", "neg_label")
@@ -128,7 +128,7 @@ class DynamicClassQueue:
     def forward_backward(self, probe, probe_labels, gallery, gallery_labels, keep=True):
         """The side's loss (mean over ranks, the same float on every rank) and its gradient w.r.t. this rank's raw
         ``probe`` rows (the kind of ``probe``: an NDArray on its context, or a NumPy array)."""
-        clock = _Clock(self.timings)
+        clock = PhaseClock(self.timings)
         p, p_labels, g_unit, g_labels = self._gather_inputs(probe, probe_labels, gallery, gallery_labels, keep)
         clock.tick("gather")
         plan = self._slots.plan(g_labels.tolist())

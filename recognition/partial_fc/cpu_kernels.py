@@ -22,6 +22,23 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 _TWO_PI = np.float32(2.0 * np.pi)
 
 
+def l2_normalize_rows(a):
+    """(a / ||a||, 1 / ||a||) row-wise, float32, with the norm floored at NORM_EPS."""
+    inv = np.einsum("ij,ij->i", a, a)
+    np.sqrt(inv, out=inv)
+    np.maximum(inv, NORM_EPS, out=inv)
+    np.divide(1.0, inv, out=inv)
+    return a * inv[:, None], inv
+
+
+def normalization_backward(unit, inv_norm, grad_unit):
+    """Gradient w.r.t. a before normalisation, given unit = a/||a|| and d(loss)/d(unit): (g - u (u.g)) / ||a||."""
+    dot = np.einsum("ij,ij->i", unit, grad_unit)
+    out = grad_unit - unit * dot[:, None]
+    out *= inv_norm[:, None]
+    return out
+
+
 @njit(cache=True, nogil=True)
 def _normal_rows(class_ids, selected, every_row, key, std, out, momentum, zero_momentum):
     """out[i] = the initial centre of class_ids[i] (and momentum[i] = 0) for each selected i.

@@ -32,16 +32,17 @@ sequential mode (``pipeline=False``), which runs every job on the caller's threa
 job that fails is reported by the next ``forward_backward`` on every rank (its input header carries the flag),
 so no rank is left waiting in a collective.
 """
-import time
 from collections import defaultdict
 
 import numpy as np
 import mxnet as mx
 
 from recognition import dist
+from recognition.progress import PhaseClock
 from recognition.partial_fc import products
 from recognition.partial_fc.bank_queue import BankQueue
-from recognition.partial_fc.cpu_kernels import NORM_EPS, Workspace, transpose_columns
+from recognition.partial_fc.cpu_kernels import (Workspace, l2_normalize_rows, normalization_backward,
+                                                transpose_columns)
 from recognition.partial_fc.margin import CombinedMargin
 from recognition.partial_fc.memory_bank import make_bank
 from recognition.partial_fc.sampler import PPRNSampler
@@ -57,23 +58,6 @@ UPDATE_BLOCK_FLOATS = 1 << 21
 UPDATE_BUFFERS = {"device": 3, "host": 3, "disk": 8}
 
 
-def l2_normalize_rows(a):
-    """(a / ||a||, 1 / ||a||) row-wise, float32, with the norm floored at NORM_EPS."""
-    inv = np.einsum("ij,ij->i", a, a)
-    np.sqrt(inv, out=inv)
-    np.maximum(inv, NORM_EPS, out=inv)
-    np.divide(1.0, inv, out=inv)
-    return a * inv[:, None], inv
-
-
-def normalization_backward(unit, inv_norm, grad_unit):
-    """Gradient w.r.t. a before normalisation, given unit = a/||a|| and d(loss)/d(unit): (g - u (u.g)) / ||a||."""
-    dot = np.einsum("ij,ij->i", unit, grad_unit)
-    out = grad_unit - unit * dot[:, None]
-    out *= inv_norm[:, None]
-    return out
-
-
 _BANK_FAILED, _LABELS_CHANGED = 1, 2     # bits of the input header's flags field
 
 
@@ -82,18 +66,6 @@ def _labels_int64(labels):
     y = labels.asnumpy() if isinstance(labels, mx.nd.NDArray) else np.asarray(labels)
     is_int = np.issubdtype(y.dtype, np.integer)
     return (y.reshape(-1).astype(np.int64) if is_int else np.zeros(y.size, np.int64)), bool(is_int)
-
-
-class _Clock:
-    """Adds the time since the last tick to ``timings[phase]``."""
-
-    def __init__(self, timings):
-        self.timings, self.last = timings, time.perf_counter()
-
-    def tick(self, phase):
-        now = time.perf_counter()
-        self.timings[phase] += now - self.last
-        self.last = now
 
 
 class PartialFC:
@@ -193,7 +165,7 @@ class PartialFC:
     def forward_backward(self, local_embeddings, local_labels):
         """Loss (Python float, mean over the global batch's rows whose label is not IGNORE_LABEL; 0.0 when every
         row is ignored) and d(loss)/d(local_embeddings) (NDArray on ctx; zero on ignored rows)."""
-        clock = _Clock(self.timings)
+        clock = PhaseClock(self.timings)
         prepared, self._prepared = self._prepared, None
         flags, bank_error, pulled = 0, None, None
         try:    # a failed bank job is reported to every rank through the input header, never raised alone
@@ -269,7 +241,7 @@ class PartialFC:
         next step's forward will keep busy); each block's SGD step and write-back is a bank job, which the bank
         thread runs while the next block's product and then the next forward run. A few block buffers take turns
         (UPDATE_BUFFERS), so a block's gradient is still in cache when its job reads it."""
-        clock = _Clock(self.timings)
+        clock = PhaseClock(self.timings)
         grad_logits, index, inv_norm = p["grad_logits"], p["index"], p["inv_norm"]
         (batch, k), dim = grad_logits.shape, p["x_scaled"].shape[1]
         x_t = products.transposed_nd(p["x_scaled"])
@@ -293,7 +265,7 @@ class PartialFC:
                              self.momentum, self.weight_decay, offset=lo)
 
     def _update_ndarray(self, p, lr):
-        clock = _Clock(self.timings)
+        clock = PhaseClock(self.timings)
         grad_unit = self._unit_grad(p)
         clock.tick("centre_gemm")
         self.bank.apply_grad(p["index"], grad_unit, p["inv_norm"], lr, self.momentum, self.weight_decay)
