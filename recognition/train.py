@@ -7,6 +7,7 @@
 
 Flags override the preset (recognition/configs/<dataset>.py); `--help` lists them.
 """
+import faulthandler
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ def main(argv=None):
         return 2
     import horovod.mxnet as hvd
     hvd.init()
+    faulthandler.enable(all_threads=True)    # a crash in native code names every thread's Python stack
     logging.basicConfig(level=logging.INFO if hvd.rank() == 0 else logging.WARNING,
                         format="%%(asctime)s [rank %d] %%(message)s" % hvd.rank(), datefmt="%H:%M:%S")
     from recognition.trainer import Trainer

@@ -1,4 +1,5 @@
 """One rank of a :func:`tests.harness.run_ranks` job: import the body, run it, pickle its result."""
+import faulthandler
 import importlib
 import os
 import pickle
@@ -9,6 +10,9 @@ import traceback
 def main():
     module, name, work = sys.argv[1:4]
     import horovod.mxnet as hvd
+    # after MXNet's own handler is installed (it chains to it): a crash in native code shows every thread's
+    # Python stack in the job's output
+    faulthandler.enable(all_threads=True)
     hvd.init()
     with open(os.path.join(work, "kwargs.pkl"), "rb") as f:
         kwargs = pickle.load(f)
