@@ -25,7 +25,10 @@ def main(argv=None):
         return 2
     import horovod.mxnet as hvd
     hvd.init()
-    faulthandler.enable(all_threads=True)    # a crash in native code names every thread's Python stack
+    try:    # after MXNet's own handler (it chains to it): a crash in native code names every thread's Python stack
+        faulthandler.enable(all_threads=True)
+    except (AttributeError, ValueError):     # stderr without a file descriptor (e.g. captured in-process)
+        pass
     logging.basicConfig(level=logging.INFO if hvd.rank() == 0 else logging.WARNING,
                         format="%%(asctime)s [rank %d] %%(message)s" % hvd.rank(), datefmt="%H:%M:%S")
     from recognition.trainer import Trainer
