@@ -39,7 +39,10 @@ run train_r50 $HVD python tools/benchmark_train.py --backbone r50 --act-type pre
     --num-classes 1000000 --sample-ratio 0.1 --steps 2 --warmup 1
 run backbones python tools/count_flops.py --throughput mbf r18 --act-type prelu_conv --batch-size 32 --iters 3
 # FFC's id loader against RecordReader on the demo-sized set (section 4)
-python tools/make_synthetic.py "$OUT/id_loader_data" --identities 300 --images 20 > /dev/null
+if [ -z "${BENCH_ONLY:-}" ] || [[ id_loader =~ $BENCH_ONLY ]]; then
+    [ -f "$OUT/id_loader_data/train_iter.rec" ] ||
+        python tools/make_synthetic.py "$OUT/id_loader_data" --identities 300 --images 20 > /dev/null
+fi
 run id_loader python tools/benchmark_id_loader.py "$OUT/id_loader_data" --rounds 3
 # time to the first batch after resuming at 0 / 50 / 90 % of a 20k-image epoch, 2 ranks (section 6)
 run resume python tools/benchmark_resume.py --data-dir "$OUT/resume_data"
