@@ -67,7 +67,8 @@ def build_arg_parser():
     add("--margins", help="m1,m2,m3 of s*(cos(m1*theta+m2)-m3) on the target logit; overrides --loss")
     add("--scale", type=float, help="logit scale s")
     add("--sample-ratio", type=float, help="share of each rank's class centres sampled per step, in (0, 1]")
-    add("--interclass-filter", type=float, help="ignore negatives with cosine above this (0: off)")
+    add("--interclass-filter", type=float, help="Partial FC v2: a negative with cosine above this counts as cosine 0, "
+        "with no gradient, as arcface_torch does (0: off)")
     add("--bank-location", choices=BANK_LOCATIONS, help="where class centres and their momentum live")
     add("--bank-dir", help="folder of the memory-mapped bank for --bank-location disk")
     add("--queue-size", type=int, help="FFC: slots of the dynamic class queue")

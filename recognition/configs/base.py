@@ -20,7 +20,7 @@ config.loss = "arcface"             # arcface | cosface | combined; picks the ma
 config.margins = None               # (m1, m2, m3) of s * (cos(m1 * theta + m2) - m3); None: from `loss`
 config.scale = 64.0                 # s
 config.sample_ratio = 1.0           # share of each rank's centres used per step (1.0: no sampling)
-config.interclass_filter = 0.0      # Partial FC v2: ignore negatives whose cosine exceeds this (0: off)
+config.interclass_filter = 0.0      # Partial FC v2: negatives above this cosine count as 0, no gradient (0: off)
 config.bank_location = "device"     # where centres + momentum live: device | host | disk
 config.bank_dir = None              # folder of a disk bank (None: a temporary folder)
 # --- head (FFC); `scale` above is shared

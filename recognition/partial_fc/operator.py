@@ -10,8 +10,9 @@ differ by at most one: no padded phantom classes). One training step, ``forward_
 2. each rank samples its positive centres plus uniform negatives (``sampler.PPRNSampler``) and pulls those rows
    from its memory bank;
 3. cosine logits = normalised embeddings x normalised sampled centres; the combined margin goes on each target
-   logit (``margin.CombinedMargin``); optional inter-class filtering drops negatives whose cosine exceeds a
-   threshold (Partial FC v2);
+   logit (``margin.CombinedMargin``); optional inter-class filtering (Partial FC v2) sets a negative whose cosine
+   exceeds a threshold to cosine 0, as the reference implementation (arcface_torch's ``CombinedMarginLoss``)
+   does: it gets no gradient but still counts in the softmax denominator;
 4. softmax cross-entropy over the union of all ranks' samples: each rank's row max, row sum of exponentials
    and target term (exactly one rank holds a row's target) are combined exactly in one collective (see
    ``_softmax_stats``); the loss, the mean over the global batch's labelled rows, is identical on every rank;
@@ -47,7 +48,6 @@ from recognition.partial_fc.margin import CombinedMargin
 from recognition.partial_fc.memory_bank import make_bank
 from recognition.partial_fc.sampler import PPRNSampler
 
-_NEG_INF = np.float32(-np.inf)
 IGNORE_LABEL = -1   # a row with this label is ignored: no loss, zero gradient, samples no centre
 META_FIELDS = 6      # int64 header fields of each rank's input segment (see _gather_inputs)
 # floats per block of the CPU centre-gradient + update pass: 8 MB stays in the last-level cache between its
@@ -371,12 +371,6 @@ class PartialFC:
         loss = float(np.sum(row_loss[labelled]) / rows)
         return np.where(labelled, np.exp(row_max_local - global_max) / total, 0.0), loss, rows
 
-    @staticmethod
-    def _finite_max(row_max):
-        """Row maxima usable as exp shifts (float32, the precision the shift is applied in): a row whose every
-        local logit was filtered out (-inf) gets 0."""
-        return np.where(np.isfinite(row_max), row_max, 0.0).astype(np.float32)
-
     # ------------------------------------------------------------------------------------ NumPy kernels
     def _head_numpy(self, xn, wn, w_inv, target_col, labelled, clock):
         """Logits z = s * cos straight from the product (the scale rides on the (B, D) embeddings), softmax of
@@ -391,33 +385,31 @@ class PartialFC:
         r = np.flatnonzero(target_col >= 0)     # the global rows whose class this rank holds
         c = target_col[r]
         psi, dpsi = self._target_terms(logits[r, c].astype(np.float64) / self.scale)
-        if self.interclass_filter > 0:
+        dirty = None
+        if self.interclass_filter > 0:      # negatives above the threshold: cosine 0 (see the module docstring)
             dirty = logits > scale * np.float32(self.interclass_filter)
             dirty[r, c] = False
+            logits[dirty] = 0.0
         logits[r, c] = self.scale * psi
-        if self.interclass_filter > 0:
-            logits[dirty] = _NEG_INF
         top = logits.argmax(axis=1)
         every = np.arange(batch)
         row_max = logits[every, top]
-        empty = ~np.isfinite(row_max)           # every logit of the row filtered out on this rank
         products.softmax_rows(logits)           # this rank's p_j = exp(z_j - m) / S, S = 1 / p_max
         row_sum = 1.0 / logits[every, top].astype(np.float64)
-        if empty.any():
-            logits[empty] = 0.0
-            row_sum[empty] = 0.0
         clock.tick("softmax")
         has_target = target_col >= 0
         target_logit = np.zeros(batch)
         target_logit[r] = self.scale * psi
-        factor, loss, rows = self._softmax_stats(self._finite_max(row_max.astype(np.float64)), row_sum,
+        factor, loss, rows = self._softmax_stats(row_max.astype(np.float64), row_sum,
                                                  target_logit, has_target, labelled)
         clock.tick("softmax_sync")
         # d loss / d z = (p - onehot) / B (B: labelled rows; ignored rows have factor 0), times psi' on targets;
-        # p = this rank's p_j * S * factor
+        # p = this rank's p_j * S * factor; a filtered entry is a constant: no gradient
         logits *= (factor * row_sum / rows).astype(np.float32)[:, None]
         logits[r, c] -= np.float32(1.0 / rows)
         logits[r, c] *= dpsi.astype(np.float32)
+        if dirty is not None:
+            logits[dirty] = 0.0
         clock.tick("softmax")
         grad_xn = product.data_grad()
         grad_xn *= scale                        # z = (s x) . w: d loss / d x = s * d loss / d (s x)
@@ -442,12 +434,13 @@ class PartialFC:
         dpsi = np.where(has_target, dpsi, 1.0)
         shift = mx.nd.array((psi - np.where(has_target, cos_t, 0.0)).astype(np.float32), ctx=ctx)
         z = cos + mx.nd.broadcast_mul(onehot, shift.expand_dims(1))
-        if self.interclass_filter > 0:
-            dirty = (cos > self.interclass_filter) * (1 - onehot)
-            z = mx.nd.where(dirty, mx.nd.full(z.shape, -np.inf, ctx=ctx), z)
+        kept = None
+        if self.interclass_filter > 0:      # negatives above the threshold: cosine 0, no gradient
+            kept = 1 - (cos > self.interclass_filter) * (1 - onehot)
+            z = z * kept
         z = z * self.scale
         target_logit = self.scale * psi
-        row_max = self._finite_max(mx.nd.max(z, axis=1).asnumpy().astype(np.float64))
+        row_max = mx.nd.max(z, axis=1).asnumpy().astype(np.float64)    # float32 values: the shift's precision
         e = mx.nd.exp(mx.nd.broadcast_sub(z, mx.nd.array(row_max, ctx=ctx).expand_dims(1)))
         factor, loss, rows = self._softmax_stats(row_max, mx.nd.sum(e, axis=1).asnumpy(), target_logit, has_target,
                                                  labelled)
@@ -456,6 +449,8 @@ class PartialFC:
         grad_cos = p - onehot * (self.scale / rows)
         chain = mx.nd.array(dpsi.astype(np.float32) - 1.0, ctx=ctx).expand_dims(1)
         grad_cos = grad_cos * (1 + mx.nd.broadcast_mul(onehot, chain))
+        if kept is not None:
+            grad_cos = grad_cos * kept
         grad_xn = mx.nd.dot(grad_cos, wn).asnumpy()
         clock.tick("head")
         self._pending = {"index": self._index, "unit": unit, "inv_norm": inv_norm, "grad_cos": grad_cos,

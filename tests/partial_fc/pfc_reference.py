@@ -35,13 +35,14 @@ def dense_reference(x, labels, weight, classes, margins, scale, interclass_filte
     h = 1e-7
     dpsi = (margin_reference(np.clip(ct + h, -1, 1), m1, m2, m3)
             - margin_reference(np.clip(ct - h, -1, 1), m1, m2, m3)) / (np.clip(ct + h, -1, 1) - np.clip(ct - h, -1, 1))
+    # inter-class filter as arcface_torch's CombinedMarginLoss: a negative above the threshold becomes cosine 0
+    # (a constant: it stays in the denominator and gets no gradient)
     keep = np.ones_like(cos, dtype=bool)
     if interclass_filter > 0:
         keep = cos <= interclass_filter
         keep[rows, col] = True
-    z = scale * cos
+    z = scale * np.where(keep, cos, 0.0)
     z[rows, col] = scale * psi
-    z = np.where(keep, z, -np.inf)
     zmax = z.max(axis=1, keepdims=True)
     e = np.exp(z - zmax)
     p = e / e.sum(axis=1, keepdims=True)
@@ -49,6 +50,7 @@ def dense_reference(x, labels, weight, classes, margins, scale, interclass_filte
     dz = p.copy()
     dz[rows, col] -= 1
     dz /= b
+    dz[~keep] = 0.0
     dcos = scale * dz
     dcos[rows, col] *= dpsi
     dxn = dcos @ wn

@@ -176,49 +176,58 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank():
     assert np.isfinite(loss0) and loss0 == loss1
 
 
-def test_interclass_filter_removes_exactly_the_negatives_above_the_threshold():
+def filter_body(kernels):
+    """Two samples against six classes on 1 or 2 ranks, with centres placed so that filtering matters."""
     import mxnet as mx
     import horovod.mxnet as hvd
     from recognition.partial_fc.operator import PartialFC
-    hvd.init()
-    pfc = PartialFC(6, 4, margins=COS, interclass_filter=0.4, seed=0)
-    w = np.eye(6, 4, dtype=np.float32)
-    w[4] = [1, 1, 0, 0]       # cos 0.707 with sample 0's direction
-    w[5] = [1, 0.5, 0, 0]     # cos 0.894
-    pfc.bank.weight[:] = w
-    x = np.array([[1, 0.1, 0, 0], [0, 0, 1, 0]], np.float32)
-    y = np.array([3, 1])      # both targets far (cos 0): the loss is large and filtering matters
-    loss, _ = pfc.forward_backward(mx.nd.array(x), mx.nd.array(y, dtype="int64"))
-    dw = pfc.sampled_weight_grad()
-    cos = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
-    removed = (cos > 0.4) & (np.arange(6)[None, :] != y[:, None])
-    assert removed.tolist() == [[True, False, False, False, True, True], [False, False, True, False, False, False]]
-    ref_loss, _, ref_dw, _ = dense_reference(x, y, w, np.arange(6), COS, 64.0, 0.4)
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-7)
-    unfiltered_loss, _, unfiltered_dw, _ = dense_reference(x, y, w, np.arange(6), COS, 64.0, 0.0)
-    assert unfiltered_loss > loss + 1.0
-    assert not np.allclose(dw[[0, 4, 5]], unfiltered_dw[[0, 4, 5]])
-
-
-def all_filtered_body():
-    import mxnet as mx
-    import horovod.mxnet as hvd
-    from recognition.partial_fc.operator import PartialFC
-    pfc = PartialFC(4, 2, margins=COS, interclass_filter=0.05, seed=0)   # rank 0: classes 0-1, rank 1: 2-3
-    pfc.bank.weight[:] = np.array([[1, 0.2], [1, 0.4]] if hvd.rank() == 0 else [[1, 0.6], [1, 0.8]], np.float32)
-    x = np.array([[1, 0.1]], np.float32)
-    loss, grad = pfc.forward_backward(mx.nd.array(x), mx.nd.array([0], dtype="int64"))
+    pfc = PartialFC(6, 4, margins=COS, interclass_filter=0.4, seed=0, kernels=kernels)
+    w = filter_centres()
+    pfc.bank.write(0, w[pfc.class_start:pfc.class_start + pfc.num_local], np.zeros((pfc.num_local, 4), np.float32))
+    x, y = filter_batch()
+    own = slice(hvd.rank() * 2 // hvd.size(), (hvd.rank() + 1) * 2 // hvd.size())
+    loss, grad = pfc.forward_backward(mx.nd.array(x[own]), mx.nd.array(y[own], dtype="int64"))
     return loss, grad.asnumpy(), pfc.sampled_weight_grad()
 
 
-def test_a_rank_whose_logits_are_all_filtered_contributes_nothing():
-    # every negative has cos > 0.05 with the sample: only the target (class 0) stays in the softmax
-    results = run_ranks(all_filtered_body, np=1 + 1, timeout=120)
-    for loss, grad, dw in results:
-        assert loss == pytest.approx(0.0, abs=1e-5)   # float32 rounding of s * psi only
-        assert np.all(np.isfinite(grad)) and np.abs(grad).max() < 1e-6
-        assert np.all(np.isfinite(dw)) and np.abs(dw).max() < 1e-6
+def filter_centres():
+    w = np.eye(6, 4, dtype=np.float32)
+    w[4] = [1, 1, 0, 0]       # cos 0.707 with sample 0's direction
+    w[5] = [1, 0.5, 0, 0]     # cos 0.894
+    return w
+
+
+def filter_batch():
+    x = np.array([[1, 0.1, 0, 0], [0, 0, 1, 0]], np.float32)
+    y = np.array([3, 1])      # both targets far (cos 0): the loss is large and filtering matters
+    return x, y
+
+
+@pytest.mark.parametrize("world_size,kernels", [(1, "numpy"), (2, "numpy"), (2, "ndarray")])
+def test_interclass_filter_zeroes_the_negatives_above_the_threshold(world_size, kernels):
+    """As arcface_torch's CombinedMarginLoss: a negative whose cosine exceeds the threshold becomes cosine 0. It
+    keeps its exp(0) in the denominator and gets no gradient. Checked against a NumPy re-computation written
+    here from that rule, on 1 and 2 ranks (rank 0 holds classes 0-2, rank 1 classes 3-5: sample 0's target
+    is on one rank, its filtered negatives on the other)."""
+    results = run_ranks(filter_body, np=world_size, timeout=120, kwargs={"kernels": kernels})
+    x, y, w = *filter_batch(), filter_centres()
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    cos = xn.astype(np.float64) @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T
+    dirty = (cos > 0.4) & (np.arange(6)[None, :] != y[:, None])
+    assert dirty.tolist() == [[True, False, False, False, True, True], [False, False, True, False, False, False]]
+    z = 64.0 * np.where(dirty, 0.0, cos)
+    z[[0, 1], y] = 64.0 * (cos[[0, 1], y] - 0.4)
+    expected = np.mean(np.log(np.exp(z).sum(axis=1)) - z[[0, 1], y])
+    dw = np.concatenate([r[2] for r in results])
+    for loss, _, _ in results:
+        assert loss == pytest.approx(expected, rel=1e-6)
+    ref_loss, ref_dx, ref_dw, _ = dense_reference(x, y, w, np.arange(6), COS, 64.0, 0.4)
+    assert ref_loss == pytest.approx(expected, rel=1e-7)
+    np.testing.assert_allclose(dw, ref_dw, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), ref_dx, rtol=1e-5, atol=1e-7)
+    removed = 64.0 * np.where(dirty, -np.inf, cos)    # the other reading (dropping them) gives another loss
+    removed[[0, 1], y] = z[[0, 1], y]
+    assert np.mean(np.log(np.exp(removed).sum(axis=1)) - z[[0, 1], y]) < expected - 0.1
 
 
 def convergence_body(steps):
