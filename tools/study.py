@@ -189,7 +189,7 @@ class Study:
         train = ([self.horovodrun, "-np", str(self.grid.ranks), "-H", "localhost:%d" % self.grid.ranks, "--gloo",
                   self.python, "recognition/train.py"] + list(self.grid.common) + list(row.flags) +
                  ["--data-dir", folder, "--output", model, "--val-targets", "curve",
-                  "--verbose", str(max(1, steps // self.grid.curve_points)),
+                  "--verbose", str(max(1, -(-steps // self.grid.curve_points))),   # + one at the last step
                   "--checkpoint-every", str(self.grid.checkpoint_every), "--keep-exports", "1", "--resume"])
         verify = [self.python, "eval/verification.py", "--model", model + "/model,{index}", "--data-dir", folder,
                   "--target", "holdout", "--json"]

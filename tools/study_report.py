@@ -164,7 +164,8 @@ def plot(grid, results, out_path):
         ax.set_title("%s: %s" % (data, grid.datasets[data].about[:60]), fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.lines:
+            ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("holdout accuracy (curve.bin, verified in training)")
     fig.tight_layout()
     tmp = out_path + ".tmp.png"
