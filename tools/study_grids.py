@@ -66,19 +66,21 @@ def _ffc(name, data, queue, seed=0):
 
 # ------------------------------------------------------------------------------------------------ main
 # 1500 training identities (7,500 / ~7,600 images), 300 held-out identities (holdout.bin, 1,200 pairs) and 200
-# more for the IJB set; one epoch; mbf with PReLU as convolutions; 2 ranks x 32.
-_PEOPLE = _flags(identities=1500, holdout=300, holdout_images=10, pairs=1200, seed=0, spread=0.45, strength=1.2)
-_IJB = _flags(identities=200, media=2, seed=0, spread=0.45, strength=1.2)
+# more for the IJB set; one epoch; mbf with PReLU as convolutions; 2 ranks x 32. The drawing difficulty is the
+# tool's default: calibrated by the grid below, five images per identity seen once already keep the clean
+# r = 1.0 run near 0.9 (a harder drawing, --spread 0.45 --strength 1.2, fell to 0.78).
+_PEOPLE = _flags(identities=1500, holdout=300, holdout_images=10, pairs=1200, seed=0)
+_IJB = _flags(identities=200, media=2, seed=0)
 _COMMON = _flags(backbone="mbf", act_type="prelu_conv", batch_size=32, num_epochs=1, lr=0.2, warmup_epochs=0.1,
                  preprocess_threads=1, frequent=5)
 MAIN = Grid(
     title="Partial FC, Partial FC v2 and FFC on synthetic identities (clean / noisy long-tailed)",
     datasets={
-        "clean": DataSet("1,500 identities x 5 images, clean", _PEOPLE + _flags(images=5), _IJB),
+        "clean": DataSet("1,500 identities x 5 images, clean", _PEOPLE + _flags(images=5), _IJB, curve_pairs=300),
         "noisy": DataSet("1,500 identities, long-tailed (200 x (k+1)^-0.65 images, at least 3), 10 % of the "
                          "identities under two labels, 3 % of the images under a wrong label",
                          _PEOPLE + _flags(images=200, long_tail=0.65, min_images=3, conflicts=0.1,
-                                          label_noise=0.03), _IJB),
+                                          label_noise=0.03), _IJB, curve_pairs=300),
     },
     rows=(_pfc("clean_r1.0_s0", "clean", 1.0), _pfc("clean_r0.1_s0", "clean", 0.1),
           _pfc("noisy_r1.0", "noisy", 1.0), _pfc("noisy_r0.1", "noisy", 0.1),
@@ -86,7 +88,7 @@ MAIN = Grid(
           _ffc("clean_ffc", "clean", 150), _ffc("noisy_ffc", "noisy", 165),
           _pfc("clean_r1.0_s1", "clean", 1.0, seed=1), _pfc("clean_r0.1_s1", "clean", 0.1, seed=1),
           _pfc("clean_r0.1_filter", "clean", 0.1, filt=0.4)),
-    common=_COMMON,
+    common=_COMMON, curve_points=3,
     claims=(
         ("1. Partial FC: on clean data r = 0.1 is as accurate as r = 1.0",
          [("clean, seed 0: r=0.1 - r=1.0", "clean_r0.1_s0", "clean_r1.0_s0"),
@@ -115,10 +117,8 @@ def _calibration(spread, strength):
 
 CALIBRATE = Grid(
     title="Difficulty calibration: clean Partial FC r = 1.0 at several --spread / --strength",
-    datasets={"s1.0_t1.0": _calibration(1.0, 1.0), "s0.45_t1.2": _calibration(0.45, 1.2),
-              "s0.3_t1.4": _calibration(0.3, 1.4)},
-    rows=(_pfc("cal_s0.45_t1.2", "s0.45_t1.2", 1.0), _pfc("cal_s0.3_t1.4", "s0.3_t1.4", 1.0),
-          _pfc("cal_s1.0_t1.0", "s1.0_t1.0", 1.0)),
+    datasets={"s0.45_t1.2": _calibration(0.45, 1.2), "s1.0_t1.0": _calibration(1.0, 1.0)},
+    rows=(_pfc("cal_s0.45_t1.2", "s0.45_t1.2", 1.0), _pfc("cal_s1.0_t1.0", "s1.0_t1.0", 1.0)),
     common=_COMMON, curve_points=2)
 
 # ------------------------------------------------------------------------------------------------ tiny
