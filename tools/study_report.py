@@ -105,11 +105,13 @@ def _pct(value, sign=False):
     return ("%+.2f" if sign else "%.2f") % (100 * value)
 
 
-def _epochs(result, flags):
+def _flag(flags, name, default="?"):
+    """The last value of ``--name`` in a flag list."""
+    value = default
     for i, item in enumerate(flags[:-1]):
-        if item == "--num-epochs":
-            return flags[i + 1]
-    return "?"
+        if item == name:
+            value = flags[i + 1]
+    return value
 
 
 def table(grid, results):
@@ -123,7 +125,7 @@ def table(grid, results):
             continue
         f = figures(r)
         lines.append("| %s | %s | %s | %s | %d | %.1f | %s ± %s | %s | %s | %s | %s | %s |" % (
-            row.data, row.name, row.method, _epochs(r, r["commands"]["train"]), r["steps"], r["train_seconds"] / 60,
+            row.data, row.name, row.method, _flag(r["commands"]["train"], "--num-epochs"), r["steps"], r["train_seconds"] / 60,
             _pct(f["acc"]), _pct(f["acc_std"]), _pct(f["val"]), _pct(f["tar3"]), _pct(f["tar2"]),
             "-" if f["ijb_auc"] is None else "%.4f" % f["ijb_auc"],
             "-" if f["holdout_auc"] is None else "%.4f" % f["holdout_auc"]))
@@ -134,7 +136,7 @@ def comparisons(grid, results):
     lines = []
     for claim, pairs in grid.claims:
         lines += ["", "**%s**" % claim, "",
-                  "| comparison (a - b) | holdout acc (points) | VAL@FAR=1e-3 | IJB TAR@FAR=1e-3 | TAR@FAR=1e-2 |",
+                  "| comparison (a - b) | holdout acc | VAL@FAR=1e-3 | IJB TAR@FAR=1e-3 | TAR@FAR=1e-2 |",
                   "|---|---|---|---|---|"]
         for what, a, b in pairs:
             if a not in results or b not in results:
@@ -184,16 +186,20 @@ def section(name, grid, results, plot_name, root, command_line):
                                      ", ".join("`%s`" % c for c in commits) or "-"), "",
            "Data sets (under `%s/data`):" % root, ""]
     for data, spec in grid.datasets.items():
+        first = sum(int(_flag(spec.synthetic, name, default)) for name, default in (("--identities", 1000),
+                                                                                  ("--holdout", 100)))
         out.append("- `%s`: %s. `python tools/make_synthetic.py DIR %s`%s" % (
             data, spec.about, " ".join(spec.synthetic),
-            "; IJB: `python tools/make_synthetic_ijb.py DIR/ijb --first-identity (identities + holdout) %s`"
-            % " ".join(spec.ijb) if spec.ijb else ""))
+            "; IJB: `python tools/make_synthetic_ijb.py DIR/ijb --first-identity %d %s`"
+            % (first, " ".join(spec.ijb)) if spec.ijb else ""))
     out += ["", "Common training flags: `%s`." % " ".join(grid.common), "", table(grid, results), "",
             "Train wall: the time of the steps kept in `train_log.jsonl` (verification of curve.bin included; "
             "start-up and steps lost to an interruption excluded). Holdout figures: `eval/verification.py` on all "
             "of holdout.bin (10 folds); IJB: `eval/ijb.py` on the synthetic IJB-C-layout set.", "",
-            "![holdout accuracy against steps](%s)" % plot_name, "", "Comparisons:", comparisons(grid, results), "",
-            "<details><summary>Exact commands of the finished rows</summary>", ""]
+            "![holdout accuracy against steps](%s)" % plot_name if results else "(no row finished yet)", ""]
+    if grid.claims:
+        out += ["Comparisons (a - b, in points):", comparisons(grid, results), ""]
+    out += ["<details><summary>Exact commands of the finished rows</summary>", ""]
     for row in grid.rows:
         r = results.get(row.name)
         if r:
