@@ -48,6 +48,16 @@ def test_flag_value_and_planned_steps(tmp_path):
     assert study.Study("tiny", TINY, str(tmp_path), "x").planned_steps(TINY.rows[0], 48) == 2   # --max-steps
 
 
+def test_verifications_never_come_right_before_a_checkpoint():
+    assert study.verify_every(117, 3, 10) == 41          # 39 divides 117 (the final checkpoint), 40 is one
+    assert study.verify_every(118, 3, 10) == 41
+    assert study.verify_every(120, 4, 7) == 31
+    for steps, points, every in ((117, 3, 10), (200, 4, 10), (93, 2, 5), (50, 3, 1)):
+        v = study.verify_every(steps, points, every)
+        assert v >= steps / points and steps % v and (every == 1 or v % every)
+    assert study.verify_every(2, 1, 1) == 2              # the tiny grid: a 2-step run verifies at its end
+
+
 class FakeRunner:
     """Stands in for Study.run: makes the data in this process, fakes training (a log, a checkpoint, an export)
     and the evaluations' JSON; ``fail_train`` rows exit 1 after their first step, once."""

@@ -58,6 +58,18 @@ def flag_value(flags, name, default=None):
     return value
 
 
+def verify_every(steps, points, checkpoint_every):
+    """train.py's --verbose for about ``points`` verifications of a ``steps``-step run (one more comes after the
+    last step): the smallest interval >= steps / points that never lands on a checkpoint step (a multiple of
+    ``checkpoint_every``, or the last step). A verification just before a checkpoint was seen to change the BN
+    moving statistics that checkpoint and its export hold (not the training's own): two runs otherwise equal to
+    the bit exported different statistics, so a verification never comes right before a checkpoint here."""
+    every = max(1, -(-steps // points))
+    while steps > 1 and (every % checkpoint_every == 0 or steps % every == 0):
+        every += 1
+    return every
+
+
 class Study:
     """Runs the rows of ``grid`` under ``root``; ``runner(cmd, log_path, env, echo)`` -> (exit status, output)."""
 
@@ -189,7 +201,7 @@ class Study:
         train = ([self.horovodrun, "-np", str(self.grid.ranks), "-H", "localhost:%d" % self.grid.ranks, "--gloo",
                   self.python, "recognition/train.py"] + list(self.grid.common) + list(row.flags) +
                  ["--data-dir", folder, "--output", model, "--val-targets", "curve",
-                  "--verbose", str(max(1, -(-steps // self.grid.curve_points))),   # + one at the last step
+                  "--verbose", str(verify_every(steps, self.grid.curve_points, self.grid.checkpoint_every)),
                   "--checkpoint-every", str(self.grid.checkpoint_every), "--keep-exports", "1", "--resume"])
         verify = [self.python, "eval/verification.py", "--model", model + "/model,{index}", "--data-dir", folder,
                   "--target", "holdout", "--json"]
