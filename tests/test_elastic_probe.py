@@ -24,6 +24,6 @@ def test_lose_one_of_three_then_grow_back(tmp_path):
     done = summary["done"]
     assert sorted(e["rank"] for e in done) == [0, 1, 2] and {e["size"] for e in done} == {3}
     history = done[0]["history"]
-    assert all(e["history"] == history for e in done) and len(history) == 30
+    assert all(e["history"] == history for e in done) and len(history) == done[0]["step"] >= 30
     changes = [size for i, size in enumerate(history) if i == 0 or size != history[i - 1]]
     assert changes == [3, 2, 3], history

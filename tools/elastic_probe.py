@@ -221,7 +221,8 @@ def worker(args):
 
     def train(state):
         log("synced", rank=hvd.rank(), size=hvd.size(), step=state.step)
-        while state.step < args.steps:
+        # At least --steps, and the last 3 of them on --final-size ranks (growth arrives when it arrives).
+        while state.step < args.steps or args.final_size and state.history[-3:] != [args.final_size] * 3:
             step_once()
             time.sleep(args.step_sleep)
             if state.step % args.commit_every == 0:
@@ -285,6 +286,7 @@ def read_events(folder):
 def run_scenario(args):
     """Run one scenario under horovodrun; return (checks, summary)."""
     work = args.work or tempfile.mkdtemp(prefix="elastic-probe-")
+    os.makedirs(work, exist_ok=True)
     names = local_host_names(4)
     initial = names[:2] if args.scenario == "grow" else names[:3]
     hosts_file = os.path.join(work, "hosts")
@@ -301,7 +303,8 @@ def run_scenario(args):
            "--min-np", "2", "--max-np", "3", "--host-discovery-script", discover, "--network-interface", "lo",
            sys.executable, os.path.abspath(__file__), "--log-dir", log_dir, "--steps", str(args.steps),
            "--commit-every", str(args.commit_every), "--queue", str(args.queue), "--step-sleep", str(args.step_sleep),
-           "--kill", args.kill, "--kill-rank", str(args.kill_rank if kill else -1), "--kill-step", str(args.kill_step)]
+           "--kill", args.kill, "--kill-rank", str(args.kill_rank if kill else -1), "--kill-step", str(args.kill_step),
+           "--final-size", str(2 if args.scenario == "shrink" else 3)]
     cmd += ["--keep-optimizer"] if args.keep_optimizer else []
     cmd += ["--allgather-first"] if args.allgather_first else []
     if args.gloo_timeout:
@@ -401,8 +404,8 @@ def judge(events, args, kill, grown, timed_out, rc):
         checks["exact collectives on the grown world of 3"] = (bool(big), "%d verified steps" % len(big))
     weights = {e["weight0"] for e in done}
     checks["all finishers agree at the last step"] = (
-        len(done) == final_size and all(e["step"] == args.steps and e["size"] == final_size for e in done)
-        and len(weights) == 1, ["%s rank %d of %d step %d w0 %s" % (e["host"], e["rank"], e["size"], e["step"],
+        len(done) == final_size and all(e["size"] == final_size for e in done) and len(weights) == 1
+        and len({e["step"] for e in done}) == 1 and done[0]["step"] >= args.steps, ["%s rank %d of %d step %d w0 %s" % (e["host"], e["rank"], e["size"], e["step"],
                                                                        e["weight0"]) for e in done])
     return checks
 
@@ -420,6 +423,8 @@ def parse_args(argv=None):
                         "SIGKILLs it wherever it is once a rank has passed that step")
     p.add_argument("--kill-rank", type=int, default=0, help="rank of the first world that dies (-1: none)")
     p.add_argument("--kill-step", type=int, default=10)
+    p.add_argument("--final-size", type=int, default=0,
+                   help="worker: go on past --steps until the last 3 steps ran on this many ranks (0: stop at --steps)")
     p.add_argument("--allgather-first", action="store_true",
                    help="call hvd.allgather before reading the allreduce outputs (default: after)")
     p.add_argument("--keep-optimizer", action="store_true",
