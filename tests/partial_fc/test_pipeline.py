@@ -174,5 +174,5 @@ def test_a_failed_push_is_reported_on_every_rank_without_a_hang(two_ranks):
 def test_bad_or_changed_labels_raise_the_same_error_on_every_rank(two_ranks):
     first, second = (per_rank["labels"] for per_rank in two_ranks)
     assert first == second
-    assert "rank 0 has label 240 outside [0, 240)" in first[0]
+    assert "rank 0 batch row" in first[0] and "has label 240 outside [0, 240)" in first[0]
     assert "rank 1 passed labels that differ from the ones it gave prepare()" in first[1]
