@@ -174,3 +174,20 @@ def latest_complete(root, pattern="*"):
         return None
     return found[max(found, key=_natural_key)]
 
+
+
+def save_params(path, arg_params, aux_params):
+    """A network's parameters in MXNet's ``.params`` layout (keys 'arg:NAME' / 'aux:NAME', on the CPU),
+    atomically: what ``load_params`` and ``mx.model.load_checkpoint`` read."""
+    import mxnet as mx
+    arrays = {"arg:" + k: v.as_in_context(mx.cpu()) for k, v in arg_params.items()}
+    arrays.update({"aux:" + k: v.as_in_context(mx.cpu()) for k, v in aux_params.items()})
+    atomic_save_ndarrays(path, arrays)
+
+
+def load_params(path):
+    """(arg_params, aux_params) of a ``.params`` file written by ``save_params``."""
+    import mxnet as mx
+    saved = mx.nd.load(path)
+    return ({k[4:]: v for k, v in saved.items() if k.startswith("arg:")},
+            {k[4:]: v for k, v in saved.items() if k.startswith("aux:")})

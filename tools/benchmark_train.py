@@ -76,9 +76,8 @@ def build_trainer(args, classes, ratio, bank):
             "--ctx", args.ctx, "--act-type", args.act_type, "--output", os.path.join("models", "bench_train")]
     if bank == "disk" and args.disk_dir:
         argv += ["--bank-dir", args.disk_dir]
-    cfg = config_from_args(argv)
-    cfg.bank_pipeline = not args.sequential_bank
-    trainer = Trainer(cfg)
+    argv += ["--no-bank-pipeline"] if args.sequential_bank else []
+    trainer = Trainer(config_from_args(argv))
     # the start-up broadcasts run asynchronously; the next trainer's carry the same tensor names
     import mxnet as mx
     mx.nd.waitall()

@@ -27,24 +27,18 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import cv2
 import numpy as np
 import mxnet as mx
 
 from recognition.data import rec_format, record_order
+from recognition.data.reader import Batch, BatchReader
 
 log = logging.getLogger("recognition.data")
 
 _MIRROR = 1                                  # stream tag of the mirror generator (4: synthetic_reader)
 _LOGGED_SKIPS = 10                                    # skipped records logged one by one; later ones summed up
-
-
-class Batch(NamedTuple):
-    data: mx.nd.NDArray      # (B, 3, H, W) float32 RGB 0-255, on the CPU
-    label: np.ndarray        # (B,) int64 class ids
-    pad: int                 # the last ``pad`` rows are padding, not images of this epoch
 
 
 def mix_seed(*values):
@@ -82,7 +76,7 @@ def shard_bounds(num_images, num_ranks, rank):
     return min(rank * step, num_images), min((rank + 1) * step, num_images)
 
 
-class RecordReader:
+class RecordReader(BatchReader):
     """Batches of this rank's part of an images-only RecordIO file; see the module docstring."""
 
     def __init__(self, rec_path, batch_size, num_classes, rank=0, num_ranks=1, seed=0, shuffle=True,

@@ -8,4 +8,3 @@ dynamic class queue of Q gallery features instead of a C x D classifier (behavio
     gallery.py      the gallery net: a forward-only copy of the probe backbone moved towards it by EMA
     method.py       FFC as a training method: the two loaders, probe and gallery nets, sides A and B of a step
 """
-from recognition.ffc.class_queue import DynamicClassQueue  # noqa: F401

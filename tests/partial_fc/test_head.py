@@ -17,7 +17,7 @@ def head_cfg(bank="device"):
 def train_and_save_body(folder, steps, bank):
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFCHead
+    from recognition.partial_fc.head import PartialFCHead
     head = PartialFCHead(head_cfg(bank), mx.cpu())
     rng = np.random.default_rng([hvd.rank()])
     for _ in range(steps):
@@ -36,7 +36,7 @@ def train_and_save_body(folder, steps, bank):
 
 def load_body(folder, bank):
     import mxnet as mx
-    from recognition.partial_fc import PartialFCHead
+    from recognition.partial_fc.head import PartialFCHead
     head = PartialFCHead(head_cfg(bank), mx.cpu())
     head.load(folder)
     pfc = head.pfc
@@ -66,7 +66,7 @@ def test_missing_shard_and_class_count_mismatch_are_clear_errors(tmp_path):
     import os
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFCHead
+    from recognition.partial_fc.head import PartialFCHead
     hvd.init()
     folder = str(tmp_path)
     head = PartialFCHead(head_cfg(), mx.cpu())

@@ -93,7 +93,7 @@ IGNORED_ROWS = [2, 9, 15]     # rows labelled IGNORE_LABEL (padding): on both ra
 def ignored_rows_body(cases):
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import IGNORE_LABEL, PartialFC
+    from recognition.partial_fc.operator import IGNORE_LABEL, PartialFC
     rank = hvd.rank()
     x, y = global_batch(hvd.size(), seed=1)
     y[IGNORED_ROWS] = IGNORE_LABEL
@@ -236,7 +236,7 @@ def convergence_body(steps):
     import mxnet as mx
     import horovod.mxnet as hvd
     from recognition.partial_fc.operator import PartialFC
-    rank, size = hvd.rank(), hvd.size()
+    rank = hvd.rank()
     num_classes, dim, batch = 2000, 32, 32
     table = np.random.default_rng(123).standard_normal((num_classes, dim)).astype(np.float32)  # one row per class
     pfc = PartialFC(num_classes, dim, sample_ratio=0.1, margins=COS, scale=32.0, seed=7)

@@ -33,7 +33,7 @@ def _train(ratio, bank, pipelined, kernels="numpy", overtaking=False):
     """STEPS steps the way PartialFCMethod runs them; returns everything the comparison needs."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     from recognition.partial_fc.bank_queue import BankQueue
     pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=ratio, bank_location=bank, kernels=kernels, seed=5,
                     pipeline=pipelined)
@@ -64,7 +64,7 @@ def _failing_bank(fail_rank):
     """Two pipelined steps where fail_rank's bank cannot write; returns the errors every call raised."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=0.1, bank_location="disk", seed=5, pipeline=True)
     if hvd.rank() == fail_rank:
         def full_disk(*args, **kwargs):
@@ -91,7 +91,7 @@ def _changed_labels():
     """A bad label at prepare() (rank 0), then labels that differ from the prepared ones (rank 1)."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=0.1, seed=5, pipeline=True)
     (x, y), = _batches(hvd.rank(), 1)
     messages = []
