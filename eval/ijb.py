@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.embedding import (NORM_EPS, add_model_arguments, check_model_arguments,  # noqa: E402
                             embedder_from_args, model_name)
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 FACE_SIZE = (112, 112)
 ARCFACE_LANDMARKS = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -452,7 +452,7 @@ def main(argv=None):
     """Run the CLI; returns the exit status (0, or 1 after printing an error)."""
     args = parse_args(argv)
     import mxnet as mx
-    from recognition.blas_check import warn_if_generic_blas
+    from utils.blas_check import warn_if_generic_blas
     warn_if_generic_blas()              # the metrics run numpy products
     try:
         if args.workers < 1:

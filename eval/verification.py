@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
 # Embedder is used by the training loop as verification.Embedder
 from eval.embedding import (Embedder, add_model_arguments, check_model_arguments,  # noqa: E402,F401
                             embedder_from_args, model_name)
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -277,7 +277,7 @@ def main(argv=None):
     """Run the CLI; returns the exit status (0, or 1 after printing an error)."""
     args = parse_args(argv)
     import mxnet as mx
-    from recognition.blas_check import warn_if_generic_blas
+    from utils.blas_check import warn_if_generic_blas
     warn_if_generic_blas()              # the metrics run numpy products
     try:
         names = [n.strip() for n in args.target.split(",") if n.strip()]

@@ -37,6 +37,7 @@ from recognition.backbone import Backbone
 from recognition.lr_scheduler import build_schedule
 from recognition.pretrained import head_checkpoint, on_every_rank
 from recognition.progress import ProgressLogger
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
@@ -206,7 +207,7 @@ class Trainer:
         if self.best is None or score > self.best:
             self.best = score
             checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, "best"), 0, self.symbol, arg, aux)
-            checkpoint_io.atomic_write_bytes(os.path.join(self.output, "best.json"), json.dumps(
+            fileio.atomic_write_bytes(os.path.join(self.output, "best.json"), json.dumps(
                 {"step": self.step, "mean_accuracy": score, "results": results}, indent=1).encode())
         return results
 
@@ -221,17 +222,17 @@ class Trainer:
         self.method.save(tmp)
         if self.rank == 0:
             arg, aux = self.backbone.get_params()
-            checkpoint_io.atomic_save_ndarrays(os.path.join(tmp, "backbone.params"),
-                                               {**{"arg:" + k: v for k, v in arg.items()},
-                                                **{"aux:" + k: v for k, v in aux.items()}})
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, "optimizer.states"), self.backbone.optimizer_states())
+            fileio.atomic_save_ndarrays(os.path.join(tmp, "backbone.params"),
+                                        {**{"arg:" + k: v for k, v in arg.items()},
+                                         **{"aux:" + k: v for k, v in aux.items()}})
+            fileio.atomic_write_bytes(os.path.join(tmp, "optimizer.states"), self.backbone.optimizer_states())
             scaler = self.backbone.scaler
             state = {"step": self.step, "world_size": self.size, "method": self.cfg.method,
                      "num_classes": self.cfg.num_classes, "embedding_size": self.cfg.embedding_size,
                      "network": self.cfg.network, "seed": self.cfg.seed, "schedule": self.schedule.state_dict(),
                      "data_position": self.method.position(self.step), "best": self.best,
                      "loss_scale": scaler.state_dict() if scaler else None, "time": time.time()}
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
+            fileio.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
         dist.barrier("ckpt.written")
         if self.rank == 0:
             checkpoint_io.commit_dir(tmp, final)

@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 OUTPUT_NAME = "fc1_output"
 INPUT_NAME = "data"

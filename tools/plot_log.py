@@ -18,8 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
 from recognition.progress import current_history, read_log  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 
 def load_series(path):

@@ -25,11 +25,12 @@ from typing import NamedTuple
 import numpy as np
 import mxnet as mx
 
-from recognition import checkpoint_io, dist
+from recognition import dist
 from recognition.data import build_reader
 from recognition.data.id_loader import build_id_loader
 from recognition.ffc.class_queue import DynamicClassQueue
 from recognition.ffc.gallery import GalleryNet, live_param_arrays
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
@@ -145,14 +146,14 @@ class FFCMethod:
         if self.rank != 0:
             return
         arg, aux = self.gallery.get_params()
-        checkpoint_io.atomic_save_ndarrays(os.path.join(folder, GALLERY_FILE),
-                                           {**{"arg:" + k: v for k, v in arg.items()},
-                                            **{"aux:" + k: v for k, v in aux.items()}})
+        fileio.atomic_save_ndarrays(os.path.join(folder, GALLERY_FILE),
+                                    {**{"arg:" + k: v for k, v in arg.items()},
+                                     **{"aux:" + k: v for k, v in aux.items()}})
         path = os.path.join(folder, QUEUE_FILE)
         with open(path + ".tmp", "wb") as f:
             np.savez(f, **state)
         os.replace(path + ".tmp", path)
-        checkpoint_io.atomic_write_bytes(os.path.join(folder, "ffc.json"), json.dumps(
+        fileio.atomic_write_bytes(os.path.join(folder, "ffc.json"), json.dumps(
             {"queue_size": self.cfg.queue_size, "embedding_size": self.cfg.embedding_size,
              "identities_in_queue": int(len(state["slots"]))}).encode())
 
