@@ -33,7 +33,7 @@ from eval import cli  # noqa: E402
 from eval.embedding import NORM_EPS  # noqa: E402
 from eval.ijb_data import (FACE_SIZE, TARGETS, check_meta_files, image_dir, load_aligned, read_meta,  # noqa: E402
                            similarity_matrices)
-from utils.cli import int_at_least  # noqa: E402
+from utils.cli import check_output_dir, int_at_least  # noqa: E402
 from utils.fileio import atomic_write_bytes  # noqa: E402
 
 FAR_LEVELS = (("1e-06", 1e-6), ("1e-05", 1e-5), ("1e-04", 1e-4), ("0.001", 1e-3), ("0.01", 1e-2), ("0.1", 1e-1))
@@ -245,23 +245,11 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def check_result_dir(folder):
-    """ValueError / PermissionError unless ``folder`` is a writable folder or can be made one (it is made only
-    at the end, with the results)."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise ValueError("--result-dir %s: %s is a file, not a folder" % (folder, existing))
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError("--result-dir %s: cannot write into %s" % (folder, existing))
-
-
 def run(args):
     """The CLI's work; returns the exit status. The model, the meta files, the image folder and the result folder
     are checked before the first image is read."""
     cli.check_model_arguments(args)
-    check_result_dir(args.result_dir)
+    check_output_dir(args.result_dir, "--result-dir")
     check_meta_files(args.data_dir, args.target)
     image_dir(args.data_dir)
     embedder = cli.embedder_from_args(args, FACE_SIZE)          # a damaged model fails before the meta reading

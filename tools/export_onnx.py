@@ -411,19 +411,6 @@ def batch_list(text):
     return batches
 
 
-def check_output(path):
-    """Refuse, before the export, an --output that is a folder or whose folder cannot be made or written."""
-    if os.path.isdir(path):
-        raise IsADirectoryError("--output %s is a folder; give the .onnx file to write" % path)
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):       # atomic_write_bytes makes the missing folders
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise NotADirectoryError("--output %s: %s is a file, not a folder" % (path, folder))
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError("--output %s: cannot write into %s" % (path, folder))
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Export a legacy MXNet checkpoint (PREFIX-symbol.json + "
                                                  "PREFIX-%%04d.params) to ONNX, checked in ONNX Runtime against "
@@ -473,7 +460,7 @@ def main(argv=None):
                                    args.batches, image_size, args.threads)
             print(_markdown_table(rows))
             return 0
-        check_output(args.output)
+        cli.check_output_file(args.output, "--output")        # before the long export
         begin = time.time()
         symbol, arg_params, aux_params = load_checkpoint(args.model)
         log("loaded %s in %.1f s" % (args.model, time.time() - begin))

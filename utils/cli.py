@@ -6,6 +6,7 @@ traceback; any other exception is a bug and keeps its traceback. Arguments are c
 (the argparse types below), before any long work starts.
 """
 import argparse
+import os
 import sys
 
 USER_ERRORS = (OSError, ValueError)
@@ -47,3 +48,29 @@ def image_size(text):
     if len(size) != 2 or min(size) < 1:
         raise argparse.ArgumentTypeError("expected HEIGHT,WIDTH (or one size) of positive integers, got %r" % text)
     return size
+
+
+def _writable_folder(folder, path, what):
+    """The existing folder that holds (or will hold, once the missing folders are made) ``folder``;
+    NotADirectoryError / PermissionError naming ``what`` and ``path`` when nothing can be written there."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError("%s %s: %s is a file, not a folder" % (what, path, folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError("%s %s: cannot write into %s" % (what, path, folder))
+    return folder
+
+
+def check_output_file(path, what):
+    """Refuse, before any long work, an output file (``what``: the option or argument naming it) that is a folder
+    or whose folder cannot be made or written into."""
+    if os.path.isdir(path):
+        raise IsADirectoryError("%s %s is a folder; give the file to write" % (what, path))
+    _writable_folder(os.path.dirname(os.path.abspath(path)), path, what)
+
+
+def check_output_dir(path, what):
+    """Refuse, before any long work, an output folder that is a file or cannot be made or written into."""
+    _writable_folder(path, path, what)

@@ -1,5 +1,6 @@
 """utils/cli.py: user errors end in one line and status 1, bugs keep their traceback; the argparse types."""
 import argparse
+import os
 
 import pytest
 
@@ -39,3 +40,20 @@ def test_argument_types():
                  ["--image-size", "a"]):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
+
+
+def test_output_checks(tmp_path):
+    (tmp_path / "file").write_text("")
+    cli.check_output_file(str(tmp_path / "new" / "deeper" / "x.png"), "OUT")      # missing folders are made later
+    cli.check_output_dir(str(tmp_path / "new" / "results"), "--result-dir")
+    with pytest.raises(IsADirectoryError, match="OUT %s is a folder" % tmp_path):
+        cli.check_output_file(str(tmp_path), "OUT")
+    with pytest.raises(NotADirectoryError, match="OUT %s: %s is a file" % (tmp_path / "file" / "x", tmp_path / "file")):
+        cli.check_output_file(str(tmp_path / "file" / "x"), "OUT")
+    with pytest.raises(NotADirectoryError, match="--result-dir %s: %s is a file" % ((tmp_path / "file",) * 2)):
+        cli.check_output_dir(str(tmp_path / "file"), "--result-dir")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    if not os.access(str(locked), os.W_OK):                 # root writes anywhere: nothing to refuse then
+        with pytest.raises(PermissionError, match="cannot write into %s" % locked):
+            cli.check_output_file(str(locked / "x.onnx"), "--output")
