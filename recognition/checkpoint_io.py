@@ -1,7 +1,6 @@
-"""Atomic writing of checkpoint files and folders: a crash mid-write never spoils the last good checkpoint.
+"""Atomic writing of checkpoint folders: a crash mid-write never spoils the last good checkpoint.
 
-A file is written under a temporary name in its own folder, fsynced, then renamed over the final name
-(``os.replace`` is atomic on POSIX): readers see the old file or the new one, never a part. A multi-file
+Single files are written atomically by ``utils/fileio.py`` (temporary name, fsync, rename). A multi-file
 checkpoint is assembled in ``<final>.tmp`` (every rank may write into it), fsynced, marked with a ``COMPLETE``
 file, and renamed into place; ``latest_complete`` only returns marked folders, never ``.tmp`` ones.
 
@@ -14,71 +13,11 @@ import fnmatch
 import os
 import re
 import shutil
-import tempfile
-import zipfile
 
-import numpy as np
+from utils.fileio import TMP_SUFFIX, atomic_save_ndarrays, atomic_write_bytes, fsync_path
 
 COMPLETE = "COMPLETE"       # marker written last into a folder checkpoint
-_STAGING, _OLD = ".tmp", ".old"
-_UMASK = os.umask(0o022)    # read the process umask (os.umask can only read it by setting it) ...
-os.umask(_UMASK)            # ... and put it back
-
-
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:       # some file systems cannot fsync a directory; the rename is still atomic
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _atomic_file(path, write):
-    """Call ``write(tmp_path)``, fsync the result and rename it to ``path``; on any failure the temporary file
-    is removed and ``path`` keeps its previous content."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=_STAGING, dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)      # mkstemp makes 0600; a checkpoint gets the usual permissions
-        write(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_path(folder, directory=True)
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` (bytes) to ``path`` atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    _atomic_file(path, write)
-
-
-def atomic_save_ndarrays(path, arrays):
-    """``mx.nd.save(path, arrays)`` (a dict of NDArrays), atomically."""
-    import mxnet as mx
-    _atomic_file(path, lambda tmp: mx.nd.save(tmp, arrays))
-
-
-def atomic_save_numpy(path, arrays):
-    """Save a dict of arrays in ``np.savez``'s format (``np.load`` reads it), atomically; ``path`` is used as
-    given (no '.npz' appended). Object arrays are refused (a checkpoint must not need pickle to load)."""
-    def write(tmp):
-        # np.savez's own zip stays open when an array fails to convert; this one is closed on every path
-        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, value in arrays.items():
-                with archive.open(name + ".npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-    _atomic_file(path, write)
+_STAGING, _OLD = TMP_SUFFIX, ".old"
 
 
 def save_legacy_checkpoint(prefix, epoch, symbol, arg_params, aux_params):
@@ -123,8 +62,8 @@ def commit_dir(tmp_dir, final_dir):
     that complete folder, which ``latest_complete`` still finds) and deleted once the new one is in place."""
     for folder, _, files in os.walk(tmp_dir):
         for name in files:
-            _fsync_path(os.path.join(folder, name))
-        _fsync_path(folder, directory=True)
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder, directory=True)
     atomic_write_bytes(os.path.join(tmp_dir, COMPLETE), b"")
     final_dir = os.path.normpath(final_dir)
     old = final_dir + _OLD
@@ -132,7 +71,7 @@ def commit_dir(tmp_dir, final_dir):
         remove_dir(old)
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
-    _fsync_path(os.path.dirname(os.path.abspath(final_dir)), directory=True)
+    fsync_path(os.path.dirname(os.path.abspath(final_dir)), directory=True)
     remove_dir(old)
 
 

@@ -12,6 +12,7 @@ import os
 import re
 
 from recognition import checkpoint_io, dist
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
@@ -45,8 +46,8 @@ class RunCheckpoints:
         method.save(tmp)
         if self.rank == 0:
             checkpoint_io.save_params(os.path.join(tmp, BACKBONE_FILE), *backbone.get_params())
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, OPTIMIZER_FILE), backbone.optimizer_states())
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
+            fileio.atomic_write_bytes(os.path.join(tmp, OPTIMIZER_FILE), backbone.optimizer_states())
+            fileio.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
         dist.barrier("ckpt.written")
         if self.rank == 0:
             checkpoint_io.commit_dir(tmp, final)

@@ -34,6 +34,7 @@ from recognition.lr_scheduler import build_schedule
 from recognition.methods import method_class
 from recognition.pretrained import head_checkpoint, on_every_rank
 from recognition.progress import PhaseClock, ProgressLogger
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
@@ -235,7 +236,7 @@ class Trainer:
         if self.best is None or score > self.best:
             self.best = score
             checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, "best"), 0, self.symbol, arg, aux)
-            checkpoint_io.atomic_write_bytes(os.path.join(self.output, "best.json"), json.dumps(
+            fileio.atomic_write_bytes(os.path.join(self.output, "best.json"), json.dumps(
                 {"step": self.step, "mean_accuracy": score, "results": results}, indent=1).encode())
         return results
 

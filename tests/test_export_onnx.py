@@ -242,3 +242,37 @@ def test_cli_errors_and_writes_nothing_on_failure(tiny_checkpoint, tmp_path, cap
     assert os.listdir(tmp_path) == []                            # no temporary file left either
     with pytest.raises(SystemExit):
         export_onnx.parse_args(["--model", prefix + ",2", "--output", str(out), "--batch-size", "0"])
+
+
+def test_cli_checks_the_output_first_and_names_damaged_model_files(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """An --output that is a folder or lies under a file is refused before the model is even loaded; a damaged
+    symbol JSON or truncated params is one error line naming the file (MXNet's own message names none)."""
+    prefix, _, _ = tiny_checkpoint
+    (tmp_path / "file").write_text("")
+    real_load = export_onnx.load_checkpoint
+    monkeypatch.setattr(export_onnx, "load_checkpoint", lambda spec: pytest.fail("loaded before the output check"))
+    for output, message in ((tmp_path, "--output %s is a folder" % tmp_path),
+                            (tmp_path / "file" / "m.onnx", "%s is a file, not a folder" % (tmp_path / "file"))):
+        assert export_onnx.main(["--model", prefix + ",2", "--output", str(output), "--image-size", "6,5"]) == 1
+        assert message in capsys.readouterr().err
+    monkeypatch.setattr(export_onnx, "load_checkpoint", real_load)
+    broken = str(tmp_path / "broken")
+    with open(prefix + "-symbol.json") as f, open(broken + "-symbol.json", "w") as out:
+        out.write(f.read()[:200])                                   # cut JSON
+    with open(prefix + "-0002.params", "rb") as f, open(broken + "-0002.params", "wb") as out:
+        out.write(f.read())
+    out = tmp_path / "m.onnx"
+    assert export_onnx.main(["--model", broken + ",2", "--output", str(out), "--image-size", "6,5"]) == 1
+    err = capsys.readouterr().err
+    assert "error: %s-symbol.json is not an MXNet symbol file" % broken in err and "Traceback" not in err
+    with open(prefix + "-symbol.json") as f, open(broken + "-symbol.json", "w") as dst:
+        dst.write(f.read())
+    with open(broken + "-0002.params", "r+b") as f:
+        f.truncate(os.path.getsize(broken + "-0002.params") // 2)
+    assert export_onnx.main(["--model", broken + ",2", "--output", str(out), "--image-size", "6,5"]) == 1
+    assert "error: %s-0002.params is not a readable MXNet parameter file" % broken in capsys.readouterr().err
+    assert not out.exists()
+    for argv in (["--image-size", "6,x"], ["--threads", "-1"], ["--batches", "1,0"]):
+        with pytest.raises(SystemExit):
+            export_onnx.parse_args(["--check-backbones", "mbf"] + argv)
+        assert "error: argument " + argv[0] in capsys.readouterr().err

@@ -114,7 +114,7 @@ def main(argv=None):
     import horovod.mxnet as hvd
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
-    from recognition.blas_check import blas_cores, cpu_model, warn_if_generic_blas
+    from utils.blas_check import blas_cores, cpu_model, warn_if_generic_blas
     if rank == 0:
         warn_if_generic_blas()
     runs = [build_trainer(args, *setting) for setting in settings]

@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 OUTPUT_NAME = "fc1_output"
 INPUT_NAME = "data"
@@ -51,14 +52,9 @@ def log(message):
 # ----------------------------------------------------------------------------------------- checkpoint
 def load_checkpoint(spec):
     """(embedding symbol, arg_params, aux_params) of the legacy checkpoint 'PREFIX,EPOCH'; errors name the file."""
-    import mxnet as mx
-    prefix, _, epoch = str(spec).rpartition(",")
-    if not prefix or not epoch.strip().isdigit():
-        raise ValueError("--model must be PREFIX,EPOCH (files PREFIX-symbol.json, PREFIX-%%04d.params), got %r" % spec)
-    for path in ("%s-symbol.json" % prefix, "%s-%04d.params" % (prefix, int(epoch))):
-        if not os.path.isfile(path):
-            raise FileNotFoundError("model file not found: %s (from %s)" % (path, spec))
-    symbol, arg_params, aux_params = mx.model.load_checkpoint(prefix, int(epoch))
+    from eval import embedding
+    prefix, _ = embedding.parse_model_spec(spec)
+    symbol, arg_params, aux_params = embedding.load_checkpoint(spec)     # damaged files: errors name them
     internals = symbol.get_internals()
     if OUTPUT_NAME in internals.list_outputs():
         symbol = internals[OUTPUT_NAME]           # a training graph with a loss on top: cut at the embedding
@@ -404,6 +400,17 @@ def parse_batch_size(text):
     return int(text)
 
 
+def batch_list(text):
+    """'1,8' -> (1, 8): batch sizes >= 1."""
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError("expected comma-separated batch sizes >= 1, got %r" % text)
+    return batches
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Export a legacy MXNet checkpoint (PREFIX-symbol.json + "
                                                  "PREFIX-%%04d.params) to ONNX, checked in ONNX Runtime against "
@@ -418,11 +425,12 @@ def parse_args(argv=None):
                         help="input batch fixed at N, or 'dynamic' (default)")
     parser.add_argument("--simplify", action="store_true",
                         help="also apply ONNX Runtime's basic offline optimisation (constant folding, BN folding)")
-    parser.add_argument("--image-size", default="112,112", help="H,W of the faces (default %(default)s)")
+    parser.add_argument("--image-size", type=cli.image_size, default=(112, 112),
+                        help="H,W of the faces (default 112,112)")
     parser.add_argument("--act-types", default="prelu,prelu_conv", help="with --check-backbones (default %(default)s)")
-    parser.add_argument("--batches", default="1,8", help="with --check-backbones: batch sizes compared "
-                                                         "(default %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
+    parser.add_argument("--batches", type=batch_list, default=CHECK_BATCHES,
+                        help="with --check-backbones: batch sizes compared (default 1,8)")
+    parser.add_argument("--threads", type=cli.int_at_least(0), default=0, help="ONNX Runtime threads (0: its default)")
     args = parser.parse_args(argv)
     if args.model and not args.output:
         parser.error("--model needs --output")
@@ -445,15 +453,14 @@ def main(argv=None):
     import mxnet as mx
     import onnx
     try:
-        image_size = tuple(int(v) for v in args.image_size.split(","))
-        if len(image_size) != 2:
-            raise ValueError("--image-size must be H,W, got %r" % args.image_size)
+        image_size = args.image_size
         if args.check_backbones:
             rows = check_backbones([n.strip() for n in args.check_backbones.split(",") if n.strip()],
                                    [a.strip() for a in args.act_types.split(",") if a.strip()],
-                                   tuple(int(b) for b in args.batches.split(",")), image_size, args.threads)
+                                   args.batches, image_size, args.threads)
             print(_markdown_table(rows))
             return 0
+        cli.check_output_file(args.output, "--output")        # before the long export
         begin = time.time()
         symbol, arg_params, aux_params = load_checkpoint(args.model)
         log("loaded %s in %.1f s" % (args.model, time.time() - begin))

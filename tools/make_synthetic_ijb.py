@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from eval.ijb import ARCFACE_LANDMARKS, TARGETS, meta_paths  # noqa: E402
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+from eval.ijb_data import ARCFACE_LANDMARKS, TARGETS, meta_paths  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 from recognition.data import rec_format  # noqa: E402
 from tools.make_synthetic import DEFAULT_AUG, SIZE, augment, identity_params, render_face, texture_field  # noqa: E402
 from tools.pack_rec import ordered_map  # noqa: E402

@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from recognition import checkpoint_io
 from recognition.data import rec_format
+from utils import fileio
 
 log = logging.getLogger("recognition.data")
 
@@ -120,7 +120,7 @@ def count_records(idx_path, block=1 << 24):
 
 def write(path, index, stamp):
     """Write ``index`` with ``stamp`` to ``path`` atomically."""
-    checkpoint_io.atomic_save_numpy(path, {
+    fileio.atomic_save_numpy(path, {
         "class_ids": index.class_ids, "starts": index.starts, "keys": index.keys, "stamp": stamp,
         "left_out": np.int64(index.left_out), "version": np.int64(VERSION)})
 

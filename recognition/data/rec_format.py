@@ -55,8 +55,13 @@ def read_property(path):
     """(num_classes, height, width) from a ``property`` file; FileNotFoundError / ValueError naming ``path``."""
     if not os.path.isfile(path):
         raise FileNotFoundError("property file not found: %s (one line 'num_classes,height,width')" % path)
-    with open(path) as f:
-        text = f.read().strip()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("ascii").strip()
+    except UnicodeDecodeError:      # binary garbage: name the file rather than the codec
+        raise ValueError("%s: expected one line 'num_classes,height,width', found %d bytes of binary data"
+                         % (path, len(raw))) from None
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:

@@ -64,6 +64,14 @@ def open_record_set(data_dir, prefix="train"):
                                     "tools/pack_rec.py, or convert InsightFace's files with tools/convert_rec.py)"
                                     % path)
     num_classes, height, width = rec_format.read_property(prop)
+    with rec_format.RecordFile(rec) as f:       # the first image (at byte 0) must have property's size
+        try:
+            rec_format.decode_image(rec_format.unpack_record(f.read(0))[2], (height, width))
+        except rec_format.WrongImageSize as err:
+            raise ValueError("%s says %dx%d images, but the first image of %s does not fit: %s"
+                             % (prop, height, width, rec, err)) from None
+        except ValueError:                      # a damaged first record: the reader skips and counts it
+            pass
     with open(idx, "rb") as f:
         num_images = sum(1 for line in f if line.strip())
     return {"rec": rec, "idx": idx, "property": prop, "num_classes": num_classes, "image_size": (height, width),

@@ -33,6 +33,7 @@ from recognition.ffc.class_queue import DynamicClassQueue
 from recognition.ffc.gallery import GalleryNet, live_param_arrays
 from recognition.ffc.queue_loss import LOSS_TYPES
 from recognition.method import TrainingMethod
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
@@ -192,7 +193,7 @@ class FFCMethod(TrainingMethod):
         with open(path + ".tmp", "wb") as f:
             np.savez(f, **state)
         os.replace(path + ".tmp", path)
-        checkpoint_io.atomic_write_bytes(os.path.join(folder, "ffc.json"), json.dumps(
+        fileio.atomic_write_bytes(os.path.join(folder, "ffc.json"), json.dumps(
             {"queue_size": self.cfg.queue_size, "embedding_size": self.cfg.embedding_size,
              "identities_in_queue": int(len(state["slots"]))}).encode())
 
