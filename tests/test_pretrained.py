@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.harness import run_ranks
-from tests.test_train import _argv, _patch_backbone, real_backbones  # noqa: F401 (a fixture)
+from tests.conftest import patch_backbone as _patch_backbone, tiny_train_argv as _argv
 
 EMBEDDING = 64          # the r18 comparison's embedding size (small FC, same layers)
 
@@ -29,7 +29,7 @@ def _trainer(argv, monkeypatch=None):
     """A Trainer with the tiny backbone (patched for this test only when ``monkeypatch`` is given)."""
     import horovod.mxnet as hvd
     import symbols
-    from tests.test_train import tiny_symbol
+    from tests.conftest import tiny_symbol
     hvd.init()
     if monkeypatch is None:
         _patch_backbone()
@@ -113,7 +113,7 @@ def test_a_load_failing_on_one_rank_stops_every_rank():
 def _tiny_params():
     """Initialised parameters of the tiny backbone (embedding 16), as bound by a Module."""
     import mxnet as mx
-    from tests.test_train import tiny_symbol
+    from tests.conftest import tiny_symbol
     module = mx.mod.Module(tiny_symbol("tiny", embedding_size=16), data_names=["data"], label_names=None)
     module.bind(data_shapes=[("data", (2, 3, 112, 112))], for_training=False)
     module.init_params(mx.init.Normal(0.5))
@@ -171,7 +171,7 @@ def test_a_renamed_and_a_reshaped_parameter_are_named(tmp_path, caplog, horovod)
 
 def test_train_py_reports_the_misfit_and_bad_specs(tmp_path, capsys, horovod, monkeypatch):
     import symbols
-    from tests.test_train import tiny_symbol
+    from tests.conftest import tiny_symbol
     monkeypatch.setattr(symbols, "get_symbol", tiny_symbol)
     from recognition.train import main
     spec, _, _ = _misfit_checkpoint(tmp_path)
