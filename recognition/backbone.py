@@ -15,7 +15,8 @@ import mxnet as mx
 
 from recognition import dist
 from recognition.loss_scale import DynamicLossScaler
-from recognition.pretrained import load_pretrained, on_every_rank
+from recognition.dist import on_every_rank
+from recognition.pretrained import load_pretrained
 
 log = logging.getLogger("recognition.train")
 

@@ -87,3 +87,45 @@ def shard_range(num_classes, world_size, r):
     base, extra = divmod(int(num_classes), int(world_size))
     start = r * base + min(r, extra)
     return start, start + base + (1 if r < extra else 0)
+
+
+def allgather_object(obj, name):
+    """Every rank's ``obj`` (anything picklable), as a list in rank order (two small allgathers)."""
+    if size() == 1:
+        return [obj]
+    import pickle
+    blob = np.frombuffer(pickle.dumps(obj, protocol=4), np.uint8)
+    lengths = allgather(np.array([blob.size], np.int64), name=name + ".lengths")
+    data = allgather(blob, name=name + ".data")
+    out, offset = [], 0
+    for length in lengths.tolist():
+        out.append(pickle.loads(data[offset:offset + length].tobytes()))
+        offset += length
+    return out
+
+
+def on_every_rank(action, what, cleanup=None):
+    """``action()`` on every rank, then agree: if it raised on any rank, every rank raises (the failing one its
+    own error, the others a ValueError quoting it with the rank and host), so no rank goes on into a collective
+    the others never join. ``cleanup(result)`` releases what a rank built when another rank failed. Returns
+    ``action()``'s result."""
+    error, result = None, None
+    try:
+        result = action()
+    except Exception as err:    # noqa: BLE001 - whatever failed, the other ranks must hear of it
+        error = err
+    if size() == 1:
+        if error is not None:
+            raise error
+        return result
+    import socket
+    said = None if error is None else "%s: %s" % (type(error).__name__, error)
+    every = allgather_object((socket.gethostname(), said), "agree." + what)
+    if error is not None:
+        raise error
+    failed = [(r, host, text) for r, (host, text) in enumerate(every) if text is not None]
+    if failed:
+        if cleanup is not None:
+            cleanup(result)
+        raise ValueError("%s failed on %s" % (what, "; ".join("rank %d (host %s): %s" % f for f in failed)))
+    return result

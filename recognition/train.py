@@ -31,13 +31,22 @@ def main(argv=None):
         pass
     logging.basicConfig(level=logging.INFO if hvd.rank() == 0 else logging.WARNING,
                         format="%%(asctime)s [rank %d] %%(message)s" % hvd.rank(), datefmt="%H:%M:%S")
-    from recognition.trainer import Trainer
+    from recognition.trainer import Trainer, TrainingError
+    trainer = None
     try:
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as err:
+        if cfg.resume:
+            trainer.resume()
+    except (ValueError, OSError) as err:        # bad data, folders, checkpoints: the same on every rank
+        sys.stderr.write("train.py: error (rank %d): %s\n" % (hvd.rank(), err))
+        if trainer is not None:
+            trainer.close()
+        return 2
+    try:
+        loss = trainer.fit()
+    except TrainingError as err:
         sys.stderr.write("train.py: error (rank %d): %s\n" % (hvd.rank(), err))
         return 2
-    loss = trainer.fit()
     if hvd.rank() == 0:
         logging.info("done: %d steps, last loss %.4f, output in %s", trainer.step, loss, cfg.output)
     return 0

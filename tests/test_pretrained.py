@@ -88,27 +88,6 @@ def test_fine_tuning_starts_bit_identical_from_the_export(tmp_path, monkeypatch)
         _trainer(_argv(tmp_path / "e", "--num-classes", "100", "--pretrained-head", step_folder), monkeypatch)
 
 
-def one_rank_fails_body():
-    """Rank 1 cannot read its file: every rank must raise, none may wait in a later collective."""
-    import horovod.mxnet as hvd
-    from recognition.pretrained import on_every_rank
-
-    def action():
-        if hvd.rank() == 1:
-            raise FileNotFoundError("rank 1 cannot see the checkpoint")
-        return "loaded"
-    try:
-        return on_every_rank(action, "backbone")
-    except (ValueError, OSError) as err:
-        return "%s: %s" % (type(err).__name__, err)
-
-
-def test_a_load_failing_on_one_rank_stops_every_rank():
-    results = run_ranks(one_rank_fails_body, np=2, timeout=120)
-    assert results == ["ValueError: backbone failed on another rank (its error is in that rank's output)",
-                       "FileNotFoundError: rank 1 cannot see the checkpoint"]
-
-
 # ------------------------------------------------------------------------------------------ misfits
 def _tiny_params():
     """Initialised parameters of the tiny backbone (embedding 16), as bound by a Module."""

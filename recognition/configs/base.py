@@ -45,6 +45,7 @@ config.num_classes = None           # identities (None: read from the property f
 config.num_images = None            # images, for the log (the record file is what counts)
 config.synthetic_steps = 1000       # steps per "epoch" of the synthetic reader
 config.preprocess_threads = 2       # JPEG decoding threads per rank
+config.max_damaged = 0.01           # a rank whose share of damaged records exceeds this refuses the data set
 # --- verification, logging, checkpoints
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]   # .bin names in val_dir
 config.val_dir = None               # folder of the .bin sets (None: data_dir)
@@ -56,6 +57,7 @@ config.keep_checkpoints = 2         # resumable states kept (checkpoints/step_*)
 config.keep_exports = 3             # legacy model-%04d.params exports kept, the newest N (0: all; best-0000 stays)
 config.models_root = "models"       # outputs go to models_root/<dataset>_<network>_<loss>
 config.output = None                # derived from models_root unless given
-config.resume = False               # continue from the newest complete checkpoint in `output`
+config.resume = False               # continue from the newest intact checkpoint in `output`
+config.overwrite = False            # replace an earlier run in `output` (else a second run there is refused)
 config.ctx = "auto"                 # auto (mx.gpu(local_rank) if MXNet sees a GPU, else cpu) | cpu | gpu
 config.seed = 0

@@ -89,7 +89,7 @@ class RecordReader(BatchReader):
 
     def __init__(self, rec_path, batch_size, num_classes, rank=0, num_ranks=1, seed=0, shuffle=True,
                  rand_mirror=True, image_size=(112, 112), preprocess_threads=2, prefetch_buffer=4,
-                 last_batch="discard"):
+                 last_batch="discard", max_damaged=0.01):
         if last_batch not in ("discard", "pad"):
             raise ValueError("last_batch must be 'discard' or 'pad', got %r" % (last_batch,))
         if batch_size < 1 or num_classes < 1 or not 0 <= rank < num_ranks:
@@ -109,7 +109,9 @@ class RecordReader(BatchReader):
         self.skipped = 0
         self._pool = None
 
-        _, offsets = rec_format.read_index(self.idx_path)
+        self.max_damaged = float(max_damaged)
+        keys, offsets = rec_format.read_index(self.idx_path)
+        offsets = self._check_index(keys, offsets)
         offsets = np.sort(offsets)             # the splitter sorts records by offset, whatever their keys
         self.num_images = len(offsets)
         bounds = [shard_bounds(self.num_images, num_ranks, r) for r in range(num_ranks)]
@@ -123,12 +125,33 @@ class RecordReader(BatchReader):
         self._offsets, self._good = self._check_shard(offsets)
         shard_size = self.shard[1] - self.shard[0]
         self._iter_batches = -(-shard_size // self.batch_size)     # what ImageRecordIter yields (last one padded)
-        self.uses_record_iter = bool(self._good.all()) and shard_size >= self.batch_size
+        self.uses_record_iter = (bool(self._good.all()) and shard_size >= self.batch_size
+                                 and not self.index_damaged)      # ImageRecordIter would read the bad entries
         if not self.uses_record_iter and shard_size:
             log.info("rank %d: reading records %d..%d of %s in Python (%s)", rank, self.shard[0], self.shard[1] - 1,
                      rec_path, "damaged records" if not self._good.all() else "fewer records than one batch")
 
     # ------------------------------------------------------------------------------------------ checks
+    def _check_index(self, keys, offsets):
+        """The index's offsets without the entries that point outside the record file: those are the index's
+        damage, not the file's (their records are skipped, named in a warning, and count against
+        ``max_damaged``)."""
+        size = os.path.getsize(self.rec_path)
+        outside = (offsets < 0) | (offsets >= size)
+        self.index_damaged = int(np.count_nonzero(outside))
+        if not self.index_damaged:
+            return offsets
+        first = int(np.flatnonzero(outside)[0])
+        where = ("%s: %d of its %d entries point outside %s (%d bytes; first: key %d at byte %d): the index is "
+                 "damaged, not the record file (rebuild the index: python tools/convert_rec.py, or re-pack)"
+                 % (self.idx_path, self.index_damaged, len(offsets), self.rec_path, size, keys[first],
+                    offsets[first]))
+        if self.index_damaged > self.max_damaged * len(offsets):
+            raise ValueError("%s; more than --max-damaged %g allows" % (where, self.max_damaged))
+        if self.rank == 0:
+            log.warning("%s; their records are skipped", where)
+        return offsets[~outside]
+
     def _check_first_record(self, offsets):
         """Refuse a file in another layout (e.g. InsightFace's, whose record 0 is a header) up front."""
         with rec_format.RecordFile(self.rec_path) as f:
@@ -176,6 +199,12 @@ class RecordReader(BatchReader):
                                  self.rec_path, start + i, mine[i], classes[i], self.num_classes, too_big.size,
                                  self.rank))
         damaged = np.flatnonzero(~good)
+        if damaged.size > self.max_damaged * max(len(mine), 1):
+            raise ValueError("%s: %d of the %d records of rank %d (records %d..%d) are damaged (first at bytes %s), "
+                             "more than --max-damaged %g allows: rebuild the file (tools/convert_rec.py, "
+                             "tools/pack_rec.py) or raise --max-damaged" % (
+                                 self.rec_path, damaged.size, len(mine), self.rank, start, end - 1,
+                                 ", ".join(str(int(b)) for b in mine[damaged[:5]]), self.max_damaged))
         if damaged.size:
             self.skipped += int(damaged.size)
             log.warning("rank %d: %d damaged record(s) in %s (first: record %d at byte %d) will be skipped every "
