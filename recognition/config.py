@@ -70,7 +70,8 @@ def build_arg_parser():
     add("--interclass-filter", type=float, help="Partial FC v2: a negative with cosine above this counts as cosine 0, "
         "with no gradient, as arcface_torch does (0: off)")
     add("--bank-location", choices=BANK_LOCATIONS, help="where class centres and their momentum live")
-    add("--bank-dir", help="folder of the memory-mapped bank for --bank-location disk")
+    add("--bank-dir", help="folder of the bank file for --bank-location disk (rows read and written with "
+        "pread / pwrite; default: a temporary folder)")
     add("--queue-size", type=int, help="FFC: slots of the dynamic class queue")
     add("--ffc-alpha", type=float, help="FFC: EMA rate of the gallery net (g <- a*g + (1-a)*probe)")
     add("--ffc-loss", choices=FFC_LOSSES, help="FFC: margin type over the queue")
@@ -88,6 +89,8 @@ def build_arg_parser():
     add("--dropout", type=float)
     add("--act-type", choices=ACTIVATIONS, help="backbone activation: prelu (InsightFace's LeakyReLU op), "
         "prelu_conv (the same function and parameters, 1.6-4x faster to train on a CPU), relu")
+    add("--bn-eps", type=float, help="BatchNorm eps of the backbone (default 2e-5, InsightFace's MXNet models; "
+        "--pretrained follows the checkpoint's graph)")
     add("--fp16", action=argparse.BooleanOptionalAction, default=None, help="float16 trunk (GPU)")
     add("--loss-scale", choices=LOSS_SCALES, help="auto: dynamic loss scaling when --fp16, none otherwise")
     add("--ctx", choices=CONTEXTS, help="auto (default: mx.gpu(local_rank) when MXNet sees a GPU, else the CPU), "
@@ -121,7 +124,7 @@ _DIRECT = ("method", "queue_size", "ffc_alpha", "ffc_loss", "network", "loss", "
            "interclass_filter", "bank_location", "bank_dir", "batch_size", "lr", "num_epochs", "max_steps", "lr_mode",
            "warmup_epochs", "embedding_size", "dropout", "fp16", "ctx", "models_root", "output", "data_dir",
            "val_dir", "resume", "seed", "frequent", "verbose", "checkpoint_every", "preprocess_threads", "act_type",
-           "loss_scale", "keep_exports", "pretrained", "pretrained_partial", "pretrained_head")
+           "loss_scale", "keep_exports", "pretrained", "pretrained_partial", "pretrained_head", "bn_eps")
 
 
 def _numbers(flag, text, count=None):
@@ -194,6 +197,7 @@ def finalize(cfg):
     _check_range(cfg, "scale", 0.0, low_open=True)
     _check_range(cfg, "interclass_filter", 0.0, 1.0)
     _check_range(cfg, "dropout", 0.0, 1.0)
+    _check_range(cfg, "bn_eps", 0.0, low_open=True)
     for key in ("batch_size", "embedding_size", "frequent", "checkpoint_every", "lr_batch_reference",
                 "preprocess_threads"):
         _check_range(cfg, key, 1)

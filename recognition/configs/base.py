@@ -11,6 +11,7 @@ config.pretrained = None            # "PREFIX,EPOCH": the backbone starts from t
 config.pretrained_partial = False   # load what fits of `pretrained` and warn about the rest (else: an error)
 config.pretrained_head = None       # a checkpoint folder of this project (checkpoints/step_*) the head starts from
 config.act_type = "prelu"           # prelu | prelu_conv (same parameters, faster on CPU) | relu
+config.bn_eps = 2e-5                # backbone BatchNorm eps, as InsightFace's MXNet fresnet (arcface_torch: 1e-5)
 config.fp16 = False                 # float16 trunk (GPU); the head and master weights stay float32
 config.loss_scale = "auto"          # auto (dynamic when fp16) | dynamic | none: float16 gradient loss scaling
 # --- training method
