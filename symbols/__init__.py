@@ -53,7 +53,7 @@ def get_symbol(name, embedding_size=512, fp16=False, dropout=0.0, bn_mom=0.9, bn
         fixed = True if fix_gamma is None else bool(fix_gamma)
         symbol = iresnet_symbol(name, embedding_size, dropout, opt, fix_gamma=fixed,
                                 fc_bias=True if fc_bias is None else bool(fc_bias))
-    unknown = sorted(set(opt.bn_layers) - set(bn_layer_names(symbol)))
+    unknown = sorted(set(opt.bn_layers) - set(bn_layer_names(symbol))) if opt.bn_layers else []
     if unknown:
         raise ValueError("bn_layers names no BatchNorm layer of %s: %s" % (name, ", ".join(unknown)))
     return symbol
