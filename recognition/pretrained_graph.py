@@ -90,11 +90,16 @@ def follow_graph(nodes, network, options):
         for (key, value), layers in sorted(changed.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
             where = ", ".join(layers) if len(layers) <= 3 else "%d layers" % len(layers)
             notes.append("BatchNorm %s %s in %s" % (key, value, where))
-    ops = collections.Counter((op, attrs.get("act_type")) for op, attrs in nodes.values())
+    # PReLU slopes are variables named *_gamma that feed no BatchNorm (LeakyReLU's, or prelu_conv's own); a graph
+    # with ReLUs and no such variable is a ReLU network (prelu_conv's graphs hold ReLUs too)
+    batch_norms = {name for name, (op, _) in nodes.items() if op == "BatchNorm"}
+    slopes = any(op == "null" and name.endswith("_gamma") and name[:-len("_gamma")] not in batch_norms
+                 for name, (op, _) in nodes.items())
+    relus = any(op == "Activation" and attrs.get("act_type") == "relu" for op, attrs in nodes.values())
     act_type = options.get("act_type", "prelu")
-    if ops[("LeakyReLU", "prelu")] and act_type == "relu":
+    if slopes and act_type == "relu":
         overrides["act_type"] = "prelu"
-    elif not ops[("LeakyReLU", "prelu")] and ops[("Activation", "relu")] and act_type != "relu":
+    elif relus and not slopes and act_type != "relu":
         overrides["act_type"] = "relu"
     if "act_type" in overrides:
         notes.append("act_type %s" % overrides["act_type"])

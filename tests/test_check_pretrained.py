@@ -116,6 +116,21 @@ def test_misfits_and_missing_graph_fail(mobilefacenet_file, tmp_path, capsys, re
     assert (status, report) == (2, None) and "bare-symbol.json not found" in err
 
 
+def test_an_export_made_with_arcface_torch_eps_starts_exactly(tmp_path, capsys, real_backbones):
+    """This project's own mbf export (prelu_conv) from a run at eps 1e-5 (its default before 2e-5): the default
+    config follows the file's eps and the start is exact."""
+    from recognition.checkpoint_io import save_legacy_checkpoint
+    from tools.export_onnx import trained_like_params
+    symbol, arg, aux = trained_like_params(
+        lambda bn_mom: symbols.get_symbol("mbf", act_type="prelu_conv", bn_mom=bn_mom, bn_eps=1e-5))
+    save_legacy_checkpoint(str(tmp_path / "model"), 2, symbol, arg, aux)
+    status, report, err = _check(capsys, "--pretrained", str(tmp_path / "model") + ",2", "--network", "mbf",
+                                 "--act-type", "prelu_conv")
+    assert status == 0, err
+    assert (report["loaded"], report["renamed"]) == (len(arg) + len(aux), 0) and report["max_rel_diff"] <= 1e-5
+    assert "follows" in err and "BatchNorm eps 1e-05 in 50 layers" in err
+
+
 # ------------------------------------------------------------------------------------ follow_graph itself
 def test_follow_graph_reads_mxnet_defaults_and_maps_names(real_backbones):
     from recognition.pretrained_graph import follow_graph
@@ -135,10 +150,23 @@ def test_follow_graph_reads_mxnet_defaults_and_maps_names(real_backbones):
     # a ReLU network on a PReLU config follows the file, and the other way round
     relu = {"relu0": ("Activation", {"act_type": "relu"})}
     assert follow_graph(relu, "r18", base)[0] == {"act_type": "relu"}
-    assert follow_graph({"relu0": ("LeakyReLU", {"act_type": "prelu"})}, "r18", dict(base, act_type="relu"))[0] \
-        == {"act_type": "prelu"}
-    assert follow_graph({"relu0": ("LeakyReLU", {"act_type": "prelu"})}, "r18", dict(base, act_type="prelu_conv"))[
-        0] == {}
+    prelu = {"relu0_gamma": ("null", {}), "relu0": ("LeakyReLU", {"act_type": "prelu"})}
+    assert follow_graph(prelu, "r18", dict(base, act_type="relu"))[0] == {"act_type": "prelu"}
+    assert follow_graph(prelu, "r18", dict(base, act_type="prelu_conv"))[0] == {}
+
+
+@pytest.mark.parametrize("network", ["mbf", "r18"])
+@pytest.mark.parametrize("saved", ["prelu", "prelu_conv", "relu"])
+def test_this_projects_own_graphs_need_nothing_followed(network, saved, real_backbones):
+    """Its exports (prelu_conv's graphs hold ReLUs and slopes) rebuild as they are; only relu vs PReLU changes."""
+    from recognition.pretrained_graph import _graph_nodes, follow_graph
+    nodes = _graph_nodes(symbols.get_symbol(network, act_type=saved))
+    for config_act in ("prelu", "prelu_conv", "relu"):
+        expected = {}
+        if (saved == "relu") != (config_act == "relu"):
+            expected = {"act_type": "relu" if saved == "relu" else "prelu"}
+        assert follow_graph(nodes, network, {"act_type": config_act, "bn_eps": 2e-5}) == (
+            expected, ["act_type %s" % expected["act_type"]] if expected else [])
 
 
 def test_fresnet_relu_is_followed(tmp_path, real_backbones, caplog):
