@@ -6,7 +6,6 @@ InsightFace's own layout), the backend's batching and errors, and the CLI.
 CI exports mbf (both activations) and r18 (prelu, the IResNet head and blocks) at batch 1 and 8; the deeper
 IResNets repeat the same blocks. ONNX_ALL_BACKBONES=1 runs every backbone x activation at batch 1 and 8
 (docs/onnx.md has that table, from tools/export_onnx.py --check-backbones)."""
-import json
 import os
 
 import mxnet as mx
