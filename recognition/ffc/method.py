@@ -1,4 +1,4 @@
-"""FFC as a training method (``../shared/FFC.md``, "One training step"): two loaders, the probe backbone, an EMA
+"""FFC as a training method (``docs/ffc.md``, "One training step"): two loaders, the probe backbone, an EMA
 gallery net and the dynamic class queue.
 
 Each step, on every rank: the id loader gives B identities with two images each (a, b) and the instance loader B

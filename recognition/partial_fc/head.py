@@ -1,8 +1,8 @@
-"""Classification heads behind the small interface the training loop uses.
+"""The Partial FC operator as the head of Partial FC's training method (``method.py``).
 
-A head turns a batch of embeddings and labels into (loss, d loss / d embeddings), updates its own parameters
-with ``update(lr)``, and saves / restores its state in a checkpoint folder. The trainer knows nothing more, so
-another head (e.g. a dynamic class queue) plugs in without touching the loop.
+The head turns a batch of embeddings and labels into (loss, d loss / d embeddings), updates its own parameters
+with ``update(lr)``, and saves / restores its state in a checkpoint folder. The training loop does not see it:
+it drives a training method, and FFC is another method (``recognition/ffc/method.py``), with a queue of its own.
 """
 import glob
 import json
