@@ -97,7 +97,7 @@ class Trainer:
         self.ctx, why = choose_context(cfg.ctx, dist.local_rank())
         if self.rank == 0:
             log.info("device: %s on rank 0 (%s)", self.ctx, why)
-        self.method = None
+        self.method = self.verifier = None
         self.closed = False
         try:
             self._build()
