@@ -49,7 +49,7 @@ def parse_args(argv=None):
 def run(args):
     """(exit status, the JSON report or None), logging to stderr."""
     import horovod.mxnet as hvd
-    from eval.embedding import parse_context
+    from eval.cli import parse_context
     from recognition.backbone import Backbone
     from recognition.config import config_from_args
     from recognition.pretrained_graph import CHECK_FACES, MAX_REL_DIFF, symbol_path
