@@ -252,7 +252,8 @@ class RecordFile:
 
 def scan_iter_records(rec_path, offsets, ends, progress=None, chunk=1 << 16):
     """Check the images-only records at ``offsets`` without decoding their images: RecordIO framing, each record
-    ending exactly at ``ends[i]`` (the next record's offset, or the file size), flag 4, integer labels and a
+    ending at or before ``ends[i]`` (the next indexed record's offset, or the file size: bytes of a record the
+    index lost may lie between), flag 4, integer labels and a
     non-empty payload. Reads 48 bytes a record (vectorised); multi-part records and records near the end of the
     file go through :class:`RecordFile`. Returns (class ids, keys) int64 arrays, -1 where a record is damaged.
     ``progress(done, total)`` is called after every chunk."""
@@ -275,7 +276,7 @@ def scan_iter_records(rec_path, offsets, ends, progress=None, chunk=1 << 16):
         multipart = (magic == MAGIC) & (cflag == 1)
         slow.extend(lo + fast[multipart])
         good = ((magic == MAGIC) & (cflag == 0) & (flag == ITER_LABEL_WIDTH) & (length > head - 8)
-                & (off[fast] + 8 + ((length + 3) & ~3) == end[fast]) & (end[fast] <= size) & _exact_parts(parts))
+                & (off[fast] + 8 + ((length + 3) & ~3) <= end[fast]) & (end[fast] <= size) & _exact_parts(parts))
         rows = lo + fast[good]
         classes[rows] = (parts[good, 0] + parts[good, 1] * LABEL_SPLIT).astype(np.int64)
         keys[rows] = (parts[good, 2] + parts[good, 3] * LABEL_SPLIT).astype(np.int64)
@@ -290,7 +291,7 @@ def scan_iter_records(rec_path, offsets, ends, progress=None, chunk=1 << 16):
                 except ValueError:
                     continue
                 parts = labels.astype(np.float64)[None] if flag == ITER_LABEL_WIDTH else None
-                if stop == ends[i] and parts is not None and payload and _exact_parts(parts)[0]:
+                if stop <= ends[i] and parts is not None and payload and _exact_parts(parts)[0]:
                     classes[i] = int(parts[0, 0] + parts[0, 1] * LABEL_SPLIT)
                     keys[i] = int(parts[0, 2] + parts[0, 3] * LABEL_SPLIT)
     return classes, keys

@@ -110,9 +110,9 @@ class RecordReader(BatchReader):
         self._pool = None
 
         self.max_damaged = float(max_damaged)
-        keys, offsets = rec_format.read_index(self.idx_path)
-        offsets = self._check_index(keys, offsets)
-        offsets = np.sort(offsets)             # the splitter sorts records by offset, whatever their keys
+        keys, offsets = self._check_index(*rec_format.read_index(self.idx_path))
+        order = np.argsort(offsets, kind="stable")   # the splitter sorts records by offset, whatever their keys
+        keys, offsets = keys[order], offsets[order]
         self.num_images = len(offsets)
         bounds = [shard_bounds(self.num_images, num_ranks, r) for r in range(num_ranks)]
         sizes = [end - start for start, end in bounds]
@@ -122,7 +122,7 @@ class RecordReader(BatchReader):
             self.steps_per_epoch = -(-max(sizes) // self.batch_size)
         self.shard = shard_bounds(self.num_images, num_ranks, rank)
         self._check_first_record(offsets)
-        self._offsets, self._good = self._check_shard(offsets)
+        self._offsets, self._good = self._check_shard(offsets, keys)
         shard_size = self.shard[1] - self.shard[0]
         self._iter_batches = -(-shard_size // self.batch_size)     # what ImageRecordIter yields (last one padded)
         self.uses_record_iter = (bool(self._good.all()) and shard_size >= self.batch_size
@@ -133,15 +133,22 @@ class RecordReader(BatchReader):
 
     # ------------------------------------------------------------------------------------------ checks
     def _check_index(self, keys, offsets):
-        """The index's offsets without the entries that point outside the record file: those are the index's
-        damage, not the file's (their records are skipped, named in a warning, and count against
-        ``max_damaged``)."""
+        """The index's (keys, offsets) without the entries that point outside the record file where the file is
+        not merely cut short: those are the index's damage, not the file's (their records are skipped, named in a
+        warning, and count against ``max_damaged``). Entries past the end of a truncated file (the last ones of
+        the index, in order) stay: their records are the file's damage, found by ``_check_shard``."""
         size = os.path.getsize(self.rec_path)
         outside = (offsets < 0) | (offsets >= size)
-        self.index_damaged = int(np.count_nonzero(outside))
+        inside = np.flatnonzero(~outside)
+        cut = inside[-1] + 1 if inside.size else 0              # index lines from here on all lie past the end
+        tail_in_order = bool(np.all(np.diff(offsets[cut:]) > 0)) and (cut == 0 or offsets[cut - 1] < size)
+        bad = outside.copy()
+        if tail_in_order:
+            bad[cut:] = offsets[cut:] < 0
+        self.index_damaged = int(np.count_nonzero(bad))
         if not self.index_damaged:
-            return offsets
-        first = int(np.flatnonzero(outside)[0])
+            return keys, offsets
+        first = int(np.flatnonzero(bad)[0])
         where = ("%s: %d of its %d entries point outside %s (%d bytes; first: key %d at byte %d): the index is "
                  "damaged, not the record file (rebuild the index: python tools/convert_rec.py, or re-pack)"
                  % (self.idx_path, self.index_damaged, len(offsets), self.rec_path, size, keys[first],
@@ -150,7 +157,7 @@ class RecordReader(BatchReader):
             raise ValueError("%s; more than --max-damaged %g allows" % (where, self.max_damaged))
         if self.rank == 0:
             log.warning("%s; their records are skipped", where)
-        return offsets[~outside]
+        return keys[~bad], offsets[~bad]
 
     def _check_first_record(self, offsets):
         """Refuse a file in another layout (e.g. InsightFace's, whose record 0 is a header) up front."""
@@ -173,7 +180,7 @@ class RecordReader(BatchReader):
         except ValueError:
             return
 
-    def _check_shard(self, offsets):
+    def _check_shard(self, offsets, index_keys):
         """(offsets, good mask) of this rank's records after checking every one without decoding it; a class id
         >= num_classes raises ValueError naming the record."""
         start, end = self.shard
@@ -190,7 +197,7 @@ class RecordReader(BatchReader):
                          self.rank, done, total, self.rec_path, speed, (total - done) / speed)
 
         classes, keys = rec_format.scan_iter_records(self.rec_path, mine, ends, progress=progress)
-        good = (classes >= 0) & (keys == np.arange(start, end))
+        good = (classes >= 0) & (keys == index_keys[start:end])     # each record is the one its entry names
         too_big = np.flatnonzero(good & (classes >= self.num_classes))
         if too_big.size:
             i = too_big[0]
