@@ -32,7 +32,7 @@ import time
 import numpy as np
 import mxnet as mx
 
-from recognition import checkpoint_io, dist
+from recognition import checkpoint_io, dist, startup_checks
 from recognition.backbone import Backbone
 from recognition.lr_scheduler import build_schedule
 from recognition.pretrained import head_checkpoint, on_every_rank
@@ -96,7 +96,7 @@ class Trainer:
         self.ctx, why = choose_context(cfg.ctx, dist.local_rank())
         if self.rank == 0:
             log.info("device: %s on rank 0 (%s)", self.ctx, why)
-        self.method = build_method(cfg, self.ctx, self.rank, self.size)
+        self.method = startup_checks.start(cfg, lambda: build_method(cfg, self.ctx, self.rank, self.size))
         self.steps_per_epoch = self.method.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ValueError("the data gives no full batch of %d per rank on %d ranks" % (cfg.batch_size, self.size))
