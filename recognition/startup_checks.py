@@ -64,14 +64,17 @@ def agree(action, what, key):
 
 
 def describe_failures(reports, hosts):
-    """'on host H (ranks 2, 3): ERROR; on host ...' from every rank's error text ('' where it went well): ranks
-    of one host with the same error are named together."""
-    groups = {}
+    """'on host H (ranks 2, 3): ERROR; on host ...' from every rank's error text ('' where it went well): the
+    hosts and ranks that met the same error are named together."""
+    by_error = {}
     for rank, (report, host) in enumerate(zip(reports, hosts)):
         if report:
-            groups.setdefault((host, report), []).append(rank)
-    parts = ["on host %s (rank%s %s): %s" % (host, "s" if len(ranks) > 1 else "", ", ".join(map(str, ranks)), report)
-             for (host, report), ranks in sorted(groups.items(), key=lambda item: item[1][0])]
+            by_error.setdefault(report, {}).setdefault(host, []).append(rank)
+    parts = []
+    for report, where in by_error.items():           # in the order of the first rank that met each error
+        places = ["host %s (rank%s %s)" % (host, "s" if len(ranks) > 1 else "", ", ".join(map(str, ranks)))
+                  for host, ranks in where.items()]
+        parts.append("on %s: %s" % (" and ".join(places), report))
     return "; ".join(parts)
 
 

@@ -11,9 +11,9 @@ from tests.harness import run_ranks
 
 def test_failures_are_grouped_by_host_and_error():
     from recognition.startup_checks import describe_failures
-    reports = ["", "", "OSError: x missing", "OSError: x missing", "ValueError: bad"]
-    hosts = ["a", "a", "b", "b", "c"]
-    assert describe_failures(reports, hosts) == ("on host b (ranks 2, 3): OSError: x missing; "
+    reports = ["", "", "OSError: x missing", "OSError: x missing", "ValueError: bad", "OSError: x missing"]
+    hosts = ["a", "a", "b", "b", "c", "d"]
+    assert describe_failures(reports, hosts) == ("on host b (ranks 2, 3) and host d (rank 5): OSError: x missing; "
                                                  "on host c (rank 4): ValueError: bad")
 
 
@@ -156,6 +156,6 @@ def test_the_trainer_checks_before_it_builds_anything(tmp_path):
     assert results[1] == results[0]
     assert output_error.startswith("the shared output folder check failed on host host-1 (rank 1)")
     assert str(tmp_path / "b") in output_error
-    assert data_error.startswith("building the pfc method (its data readers) failed on host host-0 (rank 0): "
-                                 "FileNotFoundError: training data file not found: %s" % (data / "train_iter.rec"))
-    assert "on host host-1 (rank 1): FileNotFoundError" in data_error
+    assert data_error.startswith("building the pfc method (its data readers) failed on host host-0 (rank 0) and "
+                                 "host host-1 (rank 1): FileNotFoundError: training data file not found: %s"
+                                 % (data / "train_iter.rec"))
