@@ -6,7 +6,9 @@ on some hosts only) stops every rank at the same point, with one error naming th
   checkpoint, hours into the run. Rank 0 writes a marker file with a random token into the folder; every rank
   reads it back and writes a probe file of its own; the ranks then agree on the outcome.
 * Errors in building the training method (its readers open and scan the data files there) are agreed across
-  ranks: a rank that cannot read a data file no longer leaves the others waiting in a collective.
+  ranks: every rank stops there with the same error, naming the host and the file, instead of one rank failing
+  alone while the others go on into a collective it never joins (and fail with "Horovod has been shut down", or
+  wait, while it lives).
 
 With one process nothing is checked and no collective is issued (``recognition.dist``).
 """
@@ -43,9 +45,10 @@ def gather_text(text, name):
 
 
 def agree(action, what, key):
-    """``action()`` on every rank; returns its result (``what`` names it in errors, ``key`` its collectives). When it raises on any rank, every rank raises one
+    """``action()`` on every rank; returns its result. When it raises on any rank, every rank raises one
     StartupError naming each failing host, its ranks and its error (a rank whose error is not about its input,
-    e.g. a bug, re-raises its own with the traceback after the others have been told)."""
+    e.g. a bug, re-raises its own, with its traceback, once the others know). ``what`` names the action in the
+    message, ``key`` its collectives."""
     error = None
     try:
         result = action()

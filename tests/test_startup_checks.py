@@ -56,6 +56,7 @@ def check_body(scenarios, hosts=("host-a", "host-b")):
             out["shared"] = None
         except startup_checks.StartupError as err:
             out["shared"] = str(err)
+        dist.barrier("listed%d" % i)            # rank 0 removes its marker once every rank has checked
         out["listing"] = sorted(os.listdir(folders[rank])) if os.path.isdir(folders[rank]) else None
 
         def action():

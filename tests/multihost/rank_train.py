@@ -33,7 +33,8 @@ def report(folder):
     hvd.init()
     found = {"rank": hvd.rank(), "size": hvd.size(), "local_rank": hvd.local_rank(), "local_size": hvd.local_size(),
              "cross_rank": hvd.cross_rank(), "host": os.environ.get("HOROVOD_HOSTNAME"), "pid": os.getpid(),
-             "ssh_connection": os.environ.get("SSH_CONNECTION"),
+             "ssh_connection": os.environ.get("SSH_CONNECTION"), "gloo_iface": os.environ.get("HOROVOD_GLOO_IFACE"),
+             "nccl_iface": os.environ.get("NCCL_SOCKET_IFNAME"),
              "devices": devices_with_mocked_gpus(hvd.local_rank())}
     path = os.path.join(folder, "rank%d.json" % hvd.rank())
     with open(path + ".tmp", "w") as f:
