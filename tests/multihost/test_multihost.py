@@ -23,6 +23,7 @@ import time
 
 import pytest
 
+from recognition import checkpoint_io
 from tests.harness import ROOT, horovodrun_path
 from tests.multihost import sshd
 from tests.test_train import COMMON
@@ -30,7 +31,7 @@ from tests.test_train import COMMON
 A, B = "127.0.0.2", "127.0.0.3"
 RANK_MAIN = os.path.join(ROOT, "tests", "multihost", "rank_train.py")
 FFC_FLAGS = ["--dataset", "synthetic_ffc", "--embedding-size", "16", "--batch-size", "2", "--queue-size", "6",
-             "--lr", "0.2", "--num-epochs", "2", "--frequent", "1", "--verbose", "0", "--preprocess-threads", "1"]
+             "--lr", "0.2", "--frequent", "1", "--verbose", "0", "--preprocess-threads", "1"]
 
 _missing = sshd.why_not_available()
 pytestmark = pytest.mark.skipif(_missing is not None, reason=_missing or "")
@@ -212,7 +213,6 @@ def test_ffc_on_two_hosts_a_lost_host_ends_the_job_and_resume_finishes_on_the_ot
     checkpoints = os.path.join(str(out), "checkpoints")
     argv = FFC_FLAGS + ["--data-dir", faces, "--output", str(out), "--checkpoint-every", "2", "--num-epochs", "1000"]
     proc = launch(cluster, str(root / "job_ffc"), 4, "%s:2,%s:2" % (A, B), argv)
-    from recognition import checkpoint_io
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
