@@ -29,7 +29,7 @@ import time
 import numpy as np
 import mxnet as mx
 
-from recognition import checkpoint_io, dist
+from recognition import checkpoint_io, dist, startup_checks
 from recognition.backbone import Backbone
 from recognition.checkpointing import RunCheckpoints
 from recognition.lr_scheduler import build_schedule
@@ -94,7 +94,7 @@ class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
         self.rank, self.size = dist.rank(), dist.size()
-        self.ctx, why = choose_context(cfg.ctx, dist.local_rank())
+        self.ctx, why = on_every_rank(lambda: choose_context(cfg.ctx, dist.local_rank()), "choosing the device")
         if self.rank == 0:
             log.info("device: %s on rank 0 (%s)", self.ctx, why)
         self.method = self.verifier = None
@@ -108,9 +108,11 @@ class Trainer:
     def _build(self):
         cfg = self.cfg
         self.output = cfg.output
-        on_every_rank(self._claim_output, "output folder")
+        startup_checks.check_shared_output(cfg.output)
+        on_every_rank(self._claim_output, "the output folder")
         self.method = on_every_rank(lambda: method_class(cfg.method)(cfg, self.ctx, self.rank, self.size),
-                                    "training method", cleanup=lambda method: method.close())
+                                    "building the %s method (its data readers)" % cfg.method,
+                                    cleanup=lambda method: method.close())
         self.steps_per_epoch = self.method.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ValueError("the data gives no full batch of %d per rank on %d ranks" % (cfg.batch_size, self.size))

@@ -1,7 +1,5 @@
 """recognition/dist.py: collectives of Python objects, and the agreement that keeps a failure on one rank from
 leaving the others waiting in a collective."""
-import socket
-
 from tests.harness import run_ranks
 
 
@@ -33,15 +31,16 @@ def one_rank_fails_body():
     except (ValueError, OSError) as err:
         outcome = "%s: %s" % (type(err).__name__, err)
     dist.barrier("after")          # every rank reaches the next collective: nobody is stuck
-    return outcome, released
+    return outcome, released, dist.host_name()
 
 
 def test_a_failure_on_one_rank_stops_every_rank_with_its_message():
     results = run_ranks(one_rank_fails_body, np=2, timeout=120)
-    host = socket.gethostname()
-    assert results[0] == ("ValueError: backbone failed on rank 1 (host %s): FileNotFoundError: rank 1 cannot see "
-                          "the checkpoint" % host, ["loaded"])      # what rank 0 built was released
-    assert results[1] == ("FileNotFoundError: rank 1 cannot see the checkpoint", [])
+    host = results[1][2]                            # as horovodrun names it (HOROVOD_HOSTNAME)
+    message = ("AgreedError: backbone failed on host %s (rank 1): FileNotFoundError: rank 1 cannot see the "
+               "checkpoint" % host)
+    assert results[0][:2] == (message, ["loaded"])      # what rank 0 built was released
+    assert results[1][:2] == (message, [])
 
 
 def all_fine_body():
