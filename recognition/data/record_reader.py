@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import mxnet as mx
 
-from recognition.data import rec_format, record_order
+from recognition.data import rec_format, record_order, record_scan
 from recognition.data.reader import Batch, BatchReader
 
 log = logging.getLogger("recognition.data")
@@ -138,13 +138,7 @@ class RecordReader(BatchReader):
         warning, and count against ``max_damaged``). Entries past the end of a truncated file (the last ones of
         the index, in order) stay: their records are the file's damage, found by ``_check_shard``."""
         size = os.path.getsize(self.rec_path)
-        outside = (offsets < 0) | (offsets >= size)
-        inside = np.flatnonzero(~outside)
-        cut = inside[-1] + 1 if inside.size else 0              # index lines from here on all lie past the end
-        tail_in_order = bool(np.all(np.diff(offsets[cut:]) > 0)) and (cut == 0 or offsets[cut - 1] < size)
-        bad = outside.copy()
-        if tail_in_order:
-            bad[cut:] = offsets[cut:] < 0
+        bad = record_scan.bad_index_entries(offsets, size)
         self.index_damaged = int(np.count_nonzero(bad))
         if not self.index_damaged:
             return keys, offsets
@@ -196,7 +190,7 @@ class RecordReader(BatchReader):
                 log.info("rank %d: checked %d / %d records of %s (%.0f records/s, ETA %.0f s)",
                          self.rank, done, total, self.rec_path, speed, (total - done) / speed)
 
-        classes, keys = rec_format.scan_iter_records(self.rec_path, mine, ends, progress=progress)
+        classes, keys = record_scan.scan_iter_records(self.rec_path, mine, ends, progress=progress)
         good = (classes >= 0) & (keys == index_keys[start:end])     # each record is the one its entry names
         too_big = np.flatnonzero(good & (classes >= self.num_classes))
         if too_big.size:
