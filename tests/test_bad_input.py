@@ -158,5 +158,5 @@ def test_a_rank_with_damaged_data_stops_every_rank_naming_the_file(faces, tmp_pa
     results = dict(run_ranks(damaged_rank_body, np=2, timeout=180,
                              kwargs={"data": faces, "out": str(tmp_path / "run")}))
     assert "records of rank 1" in results[1] and rec in results[1]
-    assert "failed on rank 1 (host" in results[0] and rec in results[0]
+    assert "failed on host" in results[0] and "(rank 1): ValueError: " in results[0] and rec in results[0]
     assert not os.path.isdir(tmp_path / "run" / "checkpoints") or not os.listdir(tmp_path / "run" / "checkpoints")

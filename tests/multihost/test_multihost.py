@@ -154,6 +154,10 @@ def _checkpoint_files(folder):
             state = json.loads(data)
             state.pop("time")
             data = json.dumps(state, sort_keys=True).encode()
+        if name == "COMPLETE":      # the manifest: the checksums of the files compared here, state.json's time too
+            manifest = json.loads(data)["files"]
+            manifest.pop("state.json")
+            data = json.dumps(manifest, sort_keys=True).encode()
         found[name] = data
     return found
 
