@@ -1,0 +1,184 @@
+"""train.py --elastic under horovodrun's elastic driver, for both methods, with a discovery script the test controls.
+
+One job per method: 3 ranks (hosts localhost, 127.0.0.1, 127.1 with one slot each: Horovod drops the whole host of
+a failed worker), rank R SIGKILLs itself before step 8; the two others go on from the commit of step 6; the test
+then lists a 4th host (127.0.1) and the job grows back to 3 at the commit of step 12 (rank 0 holds that commit
+until the driver has told it: ``tests/elastic_worker.py``), and ends at step 18. Its final checkpoint must equal,
+bit for bit, that of a run that stops and resumes at the same steps: 3 ranks to step 6, 2 ranks to step 12,
+3 ranks to step 18 (the comparison runs beside the elastic job, which spends most of its time waiting). At the end
+no worker process may be left, nor a thread in any worker.
+"""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.harness import ROOT, horovodrun_path, run_ranks
+from tests.test_golden_runs import write_faces
+
+STEPS, COMMIT_EVERY, KILL_BEFORE, GROW_AT = 18, 3, 7, 12   # the kill before step 8 sends the run back to step 6
+WORLDS = [(0, 3), (6, 2), (12, 3)]                          # (first step, ranks) of every world the job trains on
+ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1", "PYTHONUNBUFFERED": "1",
+       "HOROVOD_FUSION_THRESHOLD": "0"}        # fused sums of 3 ranks depend on timing (README "Multiple hosts")
+FLAGS = {
+    "pfc": ["--dataset", "bench_1m", "--num-classes", "203", "--embedding-size", "16", "--batch-size", "4",
+            "--sample-ratio", "0.5", "--bank-pipeline", "--num-epochs", "2"],
+    "ffc": ["--dataset", "synthetic_ffc", "--queue-size", "6", "--embedding-size", "16", "--batch-size", "2",
+            "--num-epochs", "20", "--preprocess-threads", "1", "--val-targets", ""],
+}
+COMMON = ["--lr", "0.2", "--frequent", "1", "--verbose", "0", "--checkpoint-every", str(COMMIT_EVERY)]
+
+
+def train_body(argv):
+    """train.py's main on this rank with the tiny backbone; its exit code."""
+    from tests.conftest import patch_backbone
+    patch_backbone()
+    from recognition.train import main
+    return main(argv)
+
+
+def _stop_and_resume(argv, out, errors):
+    """The comparison: every world of WORLDS as a run of its own, each resuming from the last one's checkpoint."""
+    try:
+        for i, (start, ranks) in enumerate(WORLDS):
+            end = WORLDS[i + 1][0] if i + 1 < len(WORLDS) else STEPS
+            leg = argv + ["--output", out, "--max-steps", str(end)] + (["--resume"] if start else [])
+            codes = run_ranks(train_body, np=ranks, timeout=240, kwargs={"argv": leg}, env=ENV)
+            assert codes == [0] * ranks, codes
+    except BaseException as err:     # noqa: BLE001 - reported by the test's thread
+        errors.append(err)
+
+
+def _events(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def _contents(folder):
+    """{file: what it holds} of a checkpoint folder (arrays as NumPy; state.json without its time)."""
+    from recognition import checkpoint_io
+    out = {}
+    for name in checkpoint_io.folder_files(folder):
+        path = os.path.join(folder, name)
+        if name.endswith(".params"):
+            arg, aux = checkpoint_io.load_params(path)
+            out[name] = {k: v.asnumpy() for k, v in list(arg.items()) + list(("aux:" + k, v) for k, v in aux.items())}
+        elif name.endswith(".npy"):
+            out[name] = np.load(path)
+        elif name.endswith(".npz"):
+            with np.load(path) as data:
+                out[name] = {k: data[k] for k in data.files}
+        elif name.endswith(".json"):
+            with open(path) as f:
+                out[name] = json.load(f)
+            out[name].pop("time", None)
+        else:
+            with open(path, "rb") as f:
+                out[name] = f.read()
+    return out
+
+
+def _assert_same(got, want, where=""):
+    if isinstance(want, dict):
+        assert sorted(got) == sorted(want), where
+        for key in want:
+            _assert_same(got[key], want[key], "%s/%s" % (where, key))
+    elif isinstance(want, np.ndarray):
+        np.testing.assert_array_equal(got, want, err_msg=where)
+        assert got.dtype == want.dtype, where
+    else:
+        assert got == want, where
+
+
+def _leftovers(marker):
+    """Live processes whose command line holds ``marker`` (this test's folder)."""
+    import psutil
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        try:
+            if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append((proc.info["pid"], " ".join(proc.info["cmdline"])[:200]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+@pytest.mark.parametrize("method,kill_rank", [("pfc", 0), ("ffc", 1)])
+def test_a_lost_rank_and_an_added_host_equal_a_run_stopped_and_resumed_there(method, kill_rank, tmp_path):
+    from tools.elastic_probe import local_host_names, write_hosts
+    tmp = str(tmp_path)
+    argv = FLAGS[method] + COMMON
+    if method == "ffc":
+        os.makedirs(os.path.join(tmp, "data"))
+        write_faces(os.path.join(tmp, "data"))
+        argv += ["--data-dir", os.path.join(tmp, "data")]
+    errors = []
+    comparison = threading.Thread(target=_stop_and_resume, args=(argv, os.path.join(tmp, "resumed"), errors))
+    comparison.start()
+
+    names = local_host_names(4)
+    hosts, discover, report = (os.path.join(tmp, name) for name in ("hosts", "discover.sh", "report"))
+    write_hosts(hosts, names[:3])
+    with open(discover, "w") as f:
+        f.write("#!/bin/sh\ncat %s\n" % hosts)
+    os.chmod(discover, 0o755)
+    os.makedirs(report)
+    out = os.path.join(tmp, "elastic")
+    cmd = [horovodrun_path(), "--gloo", "-np", "3", "--min-np", "2", "--max-np", "3", "--host-discovery-script",
+           discover, "--network-interface", "lo", sys.executable, os.path.join(ROOT, "tests", "elastic_worker.py")]
+    cmd += argv + ["--output", out, "--max-steps", str(STEPS), "--elastic", "--commit-every", str(COMMIT_EVERY)]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **ENV,
+               ELASTIC_TEST_KILL="%d,%d" % (kill_rank, KILL_BEFORE), ELASTIC_TEST_GROW_AT=str(GROW_AT),
+               ELASTIC_TEST_REPORT=report)
+    log_path, began, grown = os.path.join(tmp, "horovodrun.log"), time.time(), False
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None and time.time() - began < 420:
+                time.sleep(0.2)
+                events = _events(os.path.join(out, "train_log.jsonl"))
+                starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
+                on_two = events[starts[-1]:] if starts and events[starts[-1]]["batch_size_global"] < 10 else []
+                # once the world of 2 passed its commit before GROW_AT (and the comparison no longer takes the
+                # CPU a new worker needs to start within Gloo's timeout), the discovery script lists a 4th host
+                if not grown and not comparison.is_alive() and any(e.get("step", 0) > GROW_AT - COMMIT_EVERY
+                                                                   for e in on_two[1:]):
+                    write_hosts(hosts, names[:4])
+                    grown = True
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+            proc.wait()
+    with open(log_path, errors="replace") as f:
+        output = f.read()
+    comparison.join()
+    assert not errors, errors
+    assert proc.returncode == 0, "elastic job exit code %s after %.0f s; output:\n%s" % (
+        proc.returncode, time.time() - began, output[-20000:])
+    # every world the job trained on, from the progress log's start records (global batch = ranks x batch)
+    events = _events(os.path.join(out, "train_log.jsonl"))
+    batch = int(argv[argv.index("--batch-size") + 1])
+    worlds = [(e["step"], e["batch_size_global"] // batch) for e in events if e.get("event") == "start"]
+    assert worlds == WORLDS, worlds
+    assert "continue from the commit of step 6" in output and "steps 7-" in output
+    # the same final state as the run that stopped and resumed at the same steps
+    final = "checkpoints/step_%09d" % STEPS
+    _assert_same(_contents(os.path.join(out, final)), _contents(os.path.join(tmp, "resumed", final)), final)
+    # the 3 processes of the last world ended with exit code 0 and no thread of their own
+    reports = []
+    for name in os.listdir(report):
+        with open(os.path.join(report, name)) as f:
+            reports.append(json.load(f))
+    assert len(reports) == 3 and len({r["host"] for r in reports}) == 3 and names[3] in {r["host"] for r in reports}
+    assert all(r["code"] == 0 and r["threads"] == [] for r in reports), reports
+    deadline = time.time() + 10
+    while _leftovers(tmp) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _leftovers(tmp) == []
