@@ -233,9 +233,10 @@ class ElasticState(State):
         trainer.load_snapshot(shared, rows)
         if dist.rank() == 0:
             reached = max(h["reached"] for h in holdings)
+            again = ("; step %d is trained again" % reached if reached == step + 1 else
+                     "; steps %d-%d are trained again" % (step + 1, reached) if reached > step else "")
             log.warning("elastic: %d rank(s) on %d host(s) continue from the commit of step %d (%s)%s", dist.size(),
-                        len({h["host"] for h in holdings}), step, _position(shared["position"]),
-                        "; steps %d-%d are trained again" % (step + 1, reached) if reached > step else "")
+                        len({h["host"] for h in holdings}), step, _position(trainer.method.position(step)), again)
 
     # ------------------------------------------------------------------------------------- after a failure
     def reset_world(self):
