@@ -326,7 +326,8 @@ class Trainer:
         BatchNorm moving statistics and the best verification differ between ranks and are rank 0's, as in a
         checkpoint (the live ones stay as they are)."""
         arg, aux = self.backbone.get_params()
-        aux = {k: dist.broadcast(v, name="snapshot.aux." + k).asnumpy() for k, v in aux.items()}
+        aux = {k: dist.broadcast(v, name="snapshot.aux." + k) for k, v in aux.items()}    # all sent, then read
+        aux = {k: v.asnumpy() for k, v in aux.items()}
         best = float(dist.broadcast(np.array([np.nan if self.best is None else self.best]), "snapshot.best")[0])
         method = self.method.snapshot()
         scaler = self.backbone.scaler

@@ -279,3 +279,34 @@ def test_rows_lost_with_their_copy_stop_the_run_with_the_resume_advice():
     with pytest.raises(elastic.CommitLost, match=r"commit of step 6 cannot be restored on these 1 ranks: the pfc "
                                                  r"rows \[5, 10\) were held only by ranks that are gone.*--resume"):
         state._install(None, holdings, 6, 0)
+
+
+@pytest.mark.parametrize("method", ["pfc", "ffc"])
+def test_a_snapshot_in_a_new_trainer_continues_like_the_uninterrupted_run(method, tmp_path, tiny_backbone):
+    """Trainer.snapshot / load_snapshot on one rank: 2 steps, a snapshot, a new trainer from it, 2 more steps give
+    the checkpoint of 4 uninterrupted steps; the snapshot is host memory later steps do not change."""
+    import horovod.mxnet as hvd
+    from recognition.config import config_from_args
+    from recognition.trainer import Trainer
+    hvd.init()
+    argv = FLAGS[method] + COMMON
+    if method == "ffc":
+        write_faces(str(tmp_path))
+        argv += ["--data-dir", str(tmp_path)]
+    config = lambda out, steps: config_from_args(argv + ["--output", str(tmp_path / out), "--max-steps", str(steps)])
+    Trainer(config("straight", 4)).fit()
+    snapshots = []
+    Trainer(config("split", 3)).fit(after_step=lambda t: snapshots.append(t.snapshot()) if t.step == 2 else None)
+    (snapshot,) = snapshots
+    frozen = {k: v.copy() for k, v in snapshot.shared["arg"].items()}
+    second = Trainer(config("split", 4), claim_output=False)
+    second.load_snapshot(snapshot.shared, snapshot.rows)
+    assert second.step == 2
+    second.fit()
+    final = "checkpoints/step_000000004"
+    _assert_same(_contents(str(tmp_path / "split" / final)), _contents(str(tmp_path / "straight" / final)), final)
+    _assert_same(snapshot.shared["arg"], frozen)          # the steps after the snapshot did not write into it
+    if method == "pfc":
+        assert sorted(snapshot.rows) == ["momentum", "weight"] and snapshot.rows["weight"].shape == (203, 16)
+    else:
+        assert snapshot.rows == {} and sorted(snapshot.shared["method"]["queue"]) == ["banks", "next_row", "slots"]

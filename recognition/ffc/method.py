@@ -223,9 +223,9 @@ class FFCMethod(TrainingMethod):
         """Copies of the gallery's parameters and of the queue (identical on every rank), the gallery's BatchNorm
         moving statistics rank 0's (a collective: they follow each rank's batches; a checkpoint keeps rank 0's)."""
         arg, aux = self.gallery.get_params()
+        aux = {k: dist.broadcast(v, name="ffc.snapshot." + k) for k, v in aux.items()}     # all sent, then read
         return Snapshot({"gallery_arg": {k: v.asnumpy() for k, v in arg.items()},
-                         "gallery_aux": {k: dist.broadcast(v, name="ffc.snapshot." + k).asnumpy()
-                                         for k, v in aux.items()},
+                         "gallery_aux": {k: v.asnumpy() for k, v in aux.items()},
                          "queue": self.queue.state_dict()}, {})
 
     def load_snapshot(self, shared, rows):
