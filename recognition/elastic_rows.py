@@ -107,10 +107,14 @@ def exchange(transfers, held, layout, name):
     width = sum(np.dtype(dtype).itemsize * int(np.prod(shape, dtype=np.int64)) for _, dtype, shape in layout)
     mine = [t for t in transfers if t[1] == me]
     received = [(lo, hi, np.empty((hi - lo, width), np.uint8)) for _, _, lo, hi in mine]
-    sent_rows = [sum(hi - lo for s, _, lo, hi in transfers if s == r) for r in range(size)]
     if not width:
         raise ValueError("elastic: rows of no bytes to exchange (layout %r)" % (layout,))
-    rounds = max(1, -(-max(sent_rows) * width // ROUND_BYTES))
+    # the most rows any rank sends or receives (e.g. one new rank gathering from many) sets the number of rounds
+    moved = [0] * size
+    for src, dst, lo, hi in transfers:
+        moved[src] += hi - lo
+        moved[dst] += (hi - lo) if dst != src else 0
+    rounds = max(1, -(-max(moved) * width // ROUND_BYTES))
     for k in range(rounds):
         parts = [_round_part(t, k, rounds) for t in transfers]
         if size == 1:
@@ -125,7 +129,7 @@ def exchange(transfers, held, layout, name):
             block = received[mine.index((src, dst, lo, hi))][2]
             block[a - lo:b - lo] = incoming[offset:offset + b - a]
             offset += b - a
-    return sorted((lo, hi, _decode(block, layout)) for lo, hi, block in received)
+    return sorted(((lo, hi, _decode(block, layout)) for lo, hi, block in received), key=lambda piece: piece[0])
 
 
 def _round_part(transfer, k, rounds):
