@@ -123,7 +123,7 @@ def _discovery(tmp):
     return names, hosts, discover
 
 
-def _elastic_job(cmd, env, out, names, hosts, comparison):
+def _elastic_job(cmd, env, out, names, hosts, comparison, batch):
     """Run the job; list the 4th host once the world of 2 has passed its commit before GROW_AT (and the comparison
     no longer takes the CPU a new worker needs to reach hvd.init() within Gloo's timeout). (exit code, output)."""
     from tools.elastic_probe import write_hosts
@@ -135,7 +135,8 @@ def _elastic_job(cmd, env, out, names, hosts, comparison):
                 time.sleep(0.2)
                 events = _events(os.path.join(out, "train_log.jsonl"))
                 starts = [i for i, e in enumerate(events) if e.get("event") == "start"]
-                on_two = events[starts[-1] + 1:] if starts and events[starts[-1]]["batch_size_global"] < 10 else []
+                on_two = events[starts[-1] + 1:] if starts and events[starts[-1]]["batch_size_global"] == 2 * batch \
+                    else []
                 if not grown and not comparison.is_alive() and any(e.get("step", 0) > GROW_AT - COMMIT_EVERY
                                                                    for e in on_two):
                     write_hosts(hosts, names[:4])
@@ -168,13 +169,13 @@ def test_a_lost_rank_and_an_added_host_equal_a_run_stopped_and_resumed_there(met
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **ENV,
                ELASTIC_TEST_KILL="%d,%d" % (kill_rank, KILL_BEFORE), ELASTIC_TEST_GROW_AT=str(GROW_AT),
                ELASTIC_TEST_REPORT=report)
+    batch = int(argv[argv.index("--batch-size") + 1])
     try:
-        code, output = _elastic_job(cmd, env, out, names, hosts, comparison)
+        code, output = _elastic_job(cmd, env, out, names, hosts, comparison, batch)
         comparison.join()
         assert not errors, errors
         assert code == 0, "elastic job exit code %s; output:\n%s" % (code, output[-20000:])
         # every world the job trained on, from the progress log's start records (global batch = ranks x batch)
-        batch = int(argv[argv.index("--batch-size") + 1])
         worlds = [(e["step"], e["batch_size_global"] // batch)
                   for e in _events(os.path.join(out, "train_log.jsonl")) if e.get("event") == "start"]
         assert worlds == WORLDS, worlds
