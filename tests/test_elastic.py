@@ -27,7 +27,7 @@ ENV = {"OMP_NUM_THREADS": "1", "MXNET_CPU_WORKER_NTHREADS": "1", "PYTHONUNBUFFER
        "HOROVOD_FUSION_THRESHOLD": "0"}        # fused sums of 3 ranks depend on timing (README "Multiple hosts")
 FLAGS = {
     "pfc": ["--dataset", "bench_1m", "--num-classes", "203", "--embedding-size", "16", "--batch-size", "4",
-            "--sample-ratio", "0.5", "--bank-pipeline", "--num-epochs", "2"],
+            "--sample-ratio", "0.5", "--bank-pipeline", "--loss-scale", "dynamic", "--num-epochs", "2"],
     "ffc": ["--dataset", "synthetic_ffc", "--queue-size", "6", "--embedding-size", "16", "--batch-size", "2",
             "--num-epochs", "20", "--preprocess-threads", "1", "--val-targets", ""],
 }
@@ -309,5 +309,6 @@ def test_a_snapshot_in_a_new_trainer_continues_like_the_uninterrupted_run(method
     _assert_same(snapshot.shared["arg"], frozen)          # the steps after the snapshot did not write into it
     if method == "pfc":
         assert sorted(snapshot.rows) == ["momentum", "weight"] and snapshot.rows["weight"].shape == (203, 16)
+        assert snapshot.shared["loss_scale"] == {"scale": 2.0 ** 16, "good_steps": 2, "skipped": 0}
     else:
         assert snapshot.rows == {} and sorted(snapshot.shared["method"]["queue"]) == ["banks", "next_row", "slots"]
