@@ -146,6 +146,11 @@ def build_arg_parser():
         "are named and skipped)")
     add("--overwrite", action="store_true", help="replace the earlier run in the output folder (its checkpoints, "
         "exports and log are deleted); without it (or --resume) a folder holding a run is refused")
+    add("--elastic", action="store_true", help="elastic training under horovodrun --min-np N --max-np M "
+        "--host-discovery-script S: after a lost rank the others go on from the last commit; added hosts join at "
+        "the next commit")
+    add("--commit-every", type=int, help="--elastic: commit the training state in memory every N steps (a lost "
+        "rank costs the steps since the last commit)")
     add("--seed", type=int)
     add("--frequent", type=int, help="log a line every N steps")
     add("--verbose", type=int, help="verify every N steps (0: never)")
@@ -204,7 +209,7 @@ def finalize(cfg):
     check_range(cfg, "bn_eps", 0.0, low_open=True)
     check_range(cfg, "max_damaged", 0.0, 1.0)
     for key in ("batch_size", "embedding_size", "frequent", "checkpoint_every", "lr_batch_reference",
-                "preprocess_threads", "keep_checkpoints", "val_batch_size", "synthetic_steps"):
+                "preprocess_threads", "keep_checkpoints", "val_batch_size", "synthetic_steps", "commit_every"):
         check_range(cfg, key, 1)
     for key in ("verbose", "warmup_epochs", "seed", "keep_exports", "momentum", "weight_decay", "lr_factor",
                 "lr_power"):

@@ -33,6 +33,7 @@ from recognition import checkpoint_io, dist, startup_checks
 from recognition.backbone import Backbone
 from recognition.checkpointing import RunCheckpoints
 from recognition.lr_scheduler import build_schedule
+from recognition.method import Snapshot
 from recognition.methods import method_class
 from recognition.dist import on_every_rank
 from recognition.pretrained import head_checkpoint
@@ -91,8 +92,9 @@ class StopRequest:
 class Trainer:
     """One training run of ``cfg`` (a frozen config) on this rank: ``fit()`` trains, checkpoints and closes."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, claim_output=True):
         self.cfg = cfg
+        self.claim_output = claim_output      # False: a restart of this run in its own folder (--elastic)
         self.rank, self.size = dist.rank(), dist.size()
         self.ctx, why = on_every_rank(lambda: choose_context(cfg.ctx, dist.local_rank()), "choosing the device")
         if self.rank == 0:
@@ -109,7 +111,8 @@ class Trainer:
         cfg = self.cfg
         self.output = cfg.output
         startup_checks.check_shared_output(cfg.output)
-        on_every_rank(self._claim_output, "the output folder")
+        if self.claim_output:
+            on_every_rank(self._claim_output, "the output folder")
         self.method = on_every_rank(lambda: method_class(cfg.method)(cfg, self.ctx, self.rank, self.size),
                                     "building the %s method (its data readers)" % cfg.method,
                                     cleanup=lambda method: method.close())
@@ -182,15 +185,16 @@ class Trainer:
         return self.backbone.symbol
 
     # ------------------------------------------------------------------------------------------- loop
-    def fit(self):
+    def fit(self, after_step=None):
         """Train to ``total_steps``; returns the last loss. Exits (non-zero) on SIGTERM / SIGINT after a
-        checkpoint, which every rank agrees on at a step boundary. The method is closed however this ends."""
+        checkpoint, which every rank agrees on at a step boundary. ``after_step(trainer)`` runs after every step,
+        after its checkpoint (--elastic commits there). The method is closed however this ends."""
         try:
-            return self._fit()
+            return self._fit(after_step)
         finally:
             self.close()
 
-    def _fit(self):
+    def _fit(self, after_step=None):
         cfg = self.cfg
         if cfg.resume and not self.resumed:
             self.resume()
@@ -224,6 +228,8 @@ class Trainer:
                             self.verify(progress)
                         if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                             self.save_checkpoint()
+                        if after_step is not None:
+                            after_step(self)
                         if self.step >= self.total_steps:
                             break
                 finally:
@@ -312,6 +318,36 @@ class Trainer:
                  "data_position": self.method.position(self.step), "best": self.best,
                  "loss_scale": scaler.state_dict() if scaler else None, "time": time.time()}
         return self.checkpoints.save(self.step, self.backbone, self.method, state)
+
+    def snapshot(self):
+        """The whole training state of this rank after ``step`` in host memory (an elastic commit,
+        ``recognition/elastic.py``): a ``method.Snapshot`` whose shared part holds the step, the backbone, its
+        optimizer state, the loss scale and the best verification besides the method's own. A collective: the
+        BatchNorm moving statistics and the best verification differ between ranks and are rank 0's, as in a
+        checkpoint (the live ones stay as they are)."""
+        arg, aux = self.backbone.get_params()
+        aux = {k: dist.broadcast(v, name="snapshot.aux." + k) for k, v in aux.items()}    # all sent, then read
+        aux = {k: v.asnumpy() for k, v in aux.items()}
+        best = float(dist.broadcast(np.array([np.nan if self.best is None else self.best]), "snapshot.best")[0])
+        method = self.method.snapshot()
+        scaler = self.backbone.scaler
+        shared = {"step": self.step, "best": None if np.isnan(best) else best,
+                  "position": self.method.position(self.step), "arg": {k: v.asnumpy() for k, v in arg.items()},
+                  "aux": aux,
+                  "optimizer": self.backbone.optimizer_states(), "loss_scale": scaler.state_dict() if scaler else None,
+                  "method": method.shared}
+        return Snapshot(shared, method.rows)
+
+    def load_snapshot(self, shared, rows):
+        """Continue from a ``snapshot()`` taken on any number of ranks; ``rows`` holds this rank's
+        ``method.shard_rows()`` of it."""
+        nd = lambda arrays: {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
+        self.backbone.set_params(nd(shared["arg"]), nd(shared["aux"]))
+        self.backbone.load_optimizer_states(shared["optimizer"])
+        self.method.load_snapshot(shared["method"], rows)
+        if self.backbone.scaler is not None and shared["loss_scale"]:
+            self.backbone.scaler.load_state_dict(shared["loss_scale"])
+        self.step, self.best, self.resumed = int(shared["step"]), shared["best"], True
 
     def resume(self):
         """Load the newest complete checkpoint under the output folder, if any (re-sharding the centres)."""

@@ -59,5 +59,7 @@ config.models_root = "models"       # outputs go to models_root/<dataset>_<netwo
 config.output = None                # derived from models_root unless given
 config.resume = False               # continue from the newest intact checkpoint in `output`
 config.overwrite = False            # replace an earlier run in `output` (else a second run there is refused)
+config.elastic = False              # under horovodrun's elastic driver: go on after lost ranks, grow (elastic.py)
+config.commit_every = 100           # --elastic: commit the state in memory every N steps (a lost rank loses the rest)
 config.ctx = "auto"                 # auto (mx.gpu(local_rank) if MXNet sees a GPU, else cpu) | cpu | gpu
 config.seed = 0

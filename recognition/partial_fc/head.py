@@ -70,6 +70,25 @@ class PartialFCHead:
         with open(os.path.join(folder, "head_rank%d.json" % dist.rank()), "w") as f:
             json.dump({"pfc_step": pfc.step, "class_start": start, "class_end": end}, f)
 
+    def snapshot(self):
+        """({"pfc_step"}, {"weight", "momentum"}): copies of this rank's shard after every queued update (a
+        collective: every rank raises when any rank's bank failed)."""
+        pfc = self.pfc
+        pfc.flush(agree=True)
+        weight, momentum = pfc.bank.read(0, pfc.num_local)
+        return {"pfc_step": pfc.step}, {"weight": weight, "momentum": momentum}
+
+    def load_snapshot(self, shared, rows):
+        """This rank's shard from ``rows`` (its rows, weight and momentum) and the step from ``shared``."""
+        pfc = self.pfc
+        pfc.flush()
+        for name in ("weight", "momentum"):
+            if rows[name].shape != (pfc.num_local, pfc.embedding_size):
+                raise ValueError("Partial FC snapshot: %s rows %s, this rank holds %s" % (
+                    name, rows[name].shape, (pfc.num_local, pfc.embedding_size)))
+        pfc.bank.write(0, rows["weight"], rows["momentum"])
+        pfc.step = int(shared["pfc_step"])
+
     def load(self, folder):
         """Fill this rank's shard from the shard files in ``folder`` (any world size wrote them)."""
         pfc = self.pfc
