@@ -7,7 +7,7 @@ normalisation. Two exist:
     OnnxBackend    an ONNX file (eval/onnx_backend.py, imported only when asked for)
 ``Embedder`` embeds each face and its horizontal flip with a backend and combines the two views the way a
 protocol asks: summed raw (the .bin protocol, with InsightFace's XNorm) or each view L2-normalised first (IJB).
-``add_model_arguments`` / ``embedder_from_args`` give every evaluation CLI the same --model / --onnx choice.
+The command-line side (--model / --onnx, --ctx) is eval/cli.py.
 """
 import os
 
@@ -36,6 +36,36 @@ def checkpoint_files(spec):
     return files
 
 
+def mxnet_reason(error):
+    """The last line of an MXNetError's message (MXNet puts a C++ stack before it), without 'MXNetError: '."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()] or [type(error).__name__]
+    return lines[-1].replace("MXNetError: ", "")
+
+
+def load_checkpoint(spec):
+    """(symbol, arg_params, aux_params) of the legacy checkpoint 'PREFIX,EPOCH', as ``mx.model.load_checkpoint``
+    gives them. A missing file, or one MXNet cannot read (damaged JSON, truncated or foreign params), raises
+    FileNotFoundError / ValueError naming that file."""
+    import mxnet as mx
+    json_path, params_path = checkpoint_files(spec)
+    try:
+        symbol = mx.sym.load(json_path)
+    except (mx.base.MXNetError, UnicodeDecodeError) as error:
+        raise ValueError("%s is not an MXNet symbol file (a graph as JSON): %s"
+                         % (json_path, mxnet_reason(error))) from None
+    try:
+        saved = mx.nd.load(params_path)
+    except mx.base.MXNetError as error:
+        raise ValueError("%s is not a readable MXNet parameter file (damaged or truncated?): %s"
+                         % (params_path, mxnet_reason(error))) from None
+    if not isinstance(saved, dict) or not saved or not all(k.startswith(("arg:", "aux:")) for k in saved):
+        raise ValueError("%s holds no 'arg:NAME' / 'aux:NAME' parameters: not a checkpoint's parameter file"
+                         % params_path)
+    arg_params = {k[4:]: v for k, v in saved.items() if k.startswith("arg:")}
+    aux_params = {k[4:]: v for k, v in saved.items() if k.startswith("aux:")}
+    return symbol, arg_params, aux_params
+
+
 def embedding_symbol(symbol):
     """The internal output ``fc1_output`` of ``symbol`` when it has one (a training graph with a loss on top),
     otherwise its single output."""
@@ -48,32 +78,19 @@ def embedding_symbol(symbol):
     return symbol
 
 
-def parse_context(text):
-    """'cpu', 'gpu' or 'gpu:N' -> an MXNet context; a clear error when MXNet sees no such GPU."""
-    import mxnet as mx
-    kind, _, index = text.partition(":")
-    if kind == "cpu" and not index:
-        return mx.cpu()
-    if kind == "gpu" and (not index or index.isdigit()):
-        index = int(index or 0)
-        if index >= mx.context.num_gpus():
-            raise ValueError("--ctx %s: MXNet sees %d GPU(s)" % (text, mx.context.num_gpus()))
-        return mx.gpu(index)
-    raise ValueError("--ctx must be cpu, gpu or gpu:N, got %r" % text)
-
-
 class MXNetBackend:
     """Raw embeddings from an MXNet symbol: an inference module bound for (batch_size, 3, H, W); a smaller
     last chunk is zero-padded to it and the padded rows dropped. Pixels go in as raw 0..255 float32 (the graph
     normalises itself)."""
 
-    def __init__(self, symbol, arg_params, aux_params, ctx=None, batch_size=64, image_size=(112, 112)):
+    def __init__(self, symbol, arg_params, aux_params, ctx=None, batch_size=64, image_size=(112, 112), name=None):
         import mxnet as mx
         if int(batch_size) < 1:
             raise ValueError("batch_size must be >= 1, got %r" % (batch_size,))
         self.batch_size = int(batch_size)
         self.input_shape = (3,) + tuple(int(v) for v in image_size)
         self.context = mx.cpu() if ctx is None else ctx
+        self._name = name                       # for errors: the checkpoint it came from
         self.symbol = embedding_symbol(symbol)
         if "data" not in self.symbol.list_arguments():
             raise ValueError("the embedding graph has no input named 'data' (its inputs: %s)"
@@ -84,16 +101,19 @@ class MXNetBackend:
 
     @classmethod
     def from_checkpoint(cls, spec, ctx=None, batch_size=64, image_size=(112, 112)):
-        """The backend of legacy checkpoint 'PREFIX,EPOCH'; FileNotFoundError names a missing file."""
-        import mxnet as mx
-        checkpoint_files(spec)
-        symbol, arg_params, aux_params = mx.model.load_checkpoint(*parse_model_spec(spec))
-        return cls(symbol, arg_params, aux_params, ctx=ctx, batch_size=batch_size, image_size=image_size)
+        """The backend of legacy checkpoint 'PREFIX,EPOCH'; errors name a missing or unreadable file."""
+        symbol, arg_params, aux_params = load_checkpoint(spec)
+        return cls(symbol, arg_params, aux_params, ctx=ctx, batch_size=batch_size, image_size=image_size,
+                   name=spec)
 
     def _bind(self):
         import mxnet as mx
         self.module = mx.mod.Module(self.symbol, data_names=["data"], label_names=None, context=self.context)
-        self.module.bind(data_shapes=[("data", (self.batch_size,) + self.input_shape)], for_training=False)
+        try:
+            self.module.bind(data_shapes=[("data", (self.batch_size,) + self.input_shape)], for_training=False)
+        except mx.base.MXNetError as error:
+            raise ValueError("%s does not take faces of %dx%d (HxW): %s"
+                             % ((self._name or "the model",) + self.input_shape[1:] + (mxnet_reason(error),))) from None
         self.has_run = False
 
     def set_params(self, arg_params, aux_params):
@@ -101,12 +121,18 @@ class MXNetBackend:
         missing = [n for n in self.symbol.list_arguments() if n != "data" and n not in arg_params]
         missing += [n for n in self.symbol.list_auxiliary_states() if n not in aux_params]
         if missing:
-            raise ValueError("parameters missing for the embedding graph: %s" % ", ".join(missing[:10]))
+            raise ValueError("parameters missing for the embedding graph: %s%s"
+                             % (", ".join(missing[:10]), " (model %s)" % self._name if self._name else ""))
         if self.module is None or self.has_run:
             # MXNet's CPU (MKLDNN) inference graph caches FC/conv weights (with BN folded in) at its first
             # forward and ignores later set_params; a fresh bind (~0.2 s for r50) is the reliable refresh.
             self._bind()
-        self.module.set_params(arg_params, aux_params, allow_missing=False, force_init=True, allow_extra=True)
+        import mxnet as mx
+        try:
+            self.module.set_params(arg_params, aux_params, allow_missing=False, force_init=True, allow_extra=True)
+        except mx.base.MXNetError as error:     # parameters of other shapes: another graph, or other face sizes
+            raise ValueError("the parameters of %s do not fit its graph on faces of %dx%d (HxW): %s"
+                             % ((self._name or "the model",) + self.input_shape[1:] + (mxnet_reason(error),))) from None
 
     def forward(self, batch):
         """float32 (n, D) raw embeddings of float32 (n, 3, H, W) faces, any n."""
@@ -229,37 +255,3 @@ class Embedder:
                 progress(len(chunk))
         self.last_xnorm = norm_sum / norm_count if norm_count else float("nan")
         return out
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-def add_model_arguments(parser):
-    """--model PREFIX,EPOCH | --onnx FILE (exactly one), --batch-size and --ctx, for an evaluation CLI."""
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--model", help="legacy MXNet checkpoint PREFIX,EPOCH (PREFIX-symbol.json, PREFIX-%%04d.params)")
-    model.add_argument("--onnx", metavar="FILE", help="an ONNX model (raw RGB 0..255 NCHW in, embedding out)")
-    parser.add_argument("--batch-size", type=int, default=64, help="faces per forward pass (default %(default)s)")
-    parser.add_argument("--ctx", default="cpu", help="cpu, gpu or gpu:N, for --model (default %(default)s)")
-
-
-def model_name(args):
-    """What the --model / --onnx arguments name, for reports."""
-    return args.model if args.model else args.onnx
-
-
-def check_model_arguments(args):
-    """Fail fast, before slow data loading, on a bad batch size, context or a missing model file."""
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1, got %d" % args.batch_size)
-    if args.model:
-        parse_context(args.ctx)
-        checkpoint_files(args.model)
-    elif not os.path.isfile(args.onnx):
-        raise FileNotFoundError("ONNX model not found: %s" % args.onnx)
-
-
-def embedder_from_args(args, image_size=(112, 112)):
-    """The Embedder the --model / --onnx arguments of ``add_model_arguments`` ask for."""
-    if args.model:
-        return Embedder.from_checkpoint(args.model, ctx=parse_context(args.ctx), batch_size=args.batch_size,
-                                        image_size=image_size)
-    return Embedder.from_onnx(args.onnx, batch_size=args.batch_size, image_size=image_size)

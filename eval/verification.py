@@ -29,10 +29,10 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
-# Embedder is used by the training loop as verification.Embedder
-from eval.embedding import (Embedder, add_model_arguments, check_model_arguments,  # noqa: E402,F401
-                            embedder_from_args, model_name)
+from eval import cli  # noqa: E402
+from eval.embedding import Embedder  # noqa: E402,F401 - the training loop uses it as verification.Embedder
+from utils.cli import image_size, int_at_least  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 ACCURACY_THRESHOLDS = np.arange(0, 4, 0.01)
 VAL_THRESHOLDS = np.arange(0, 4, 0.001)
@@ -183,6 +183,14 @@ def _far_threshold(dist, issame, far_target):
     return float(VAL_THRESHOLDS[low] + step * (VAL_THRESHOLDS[low + 1] - VAL_THRESHOLDS[low]))
 
 
+def check_folds(issame, nfolds):
+    """ValueError unless the pairs ``issame`` can be split into ``nfolds`` folds and hold both kinds of pair."""
+    if not 2 <= nfolds <= len(issame):
+        raise ValueError("nfolds must be in [2, number of pairs = %d], got %d" % (len(issame), nfolds))
+    if issame.all() or not issame.any():
+        raise ValueError("issame must hold both same and different pairs")
+
+
 def pair_distances(embeddings):
     """Squared Euclidean distance between the L2-normalised embeddings 2i and 2i+1, float64 (P,)."""
     unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -200,10 +208,7 @@ def evaluate(embeddings, issame, nfolds=10, far_target=FAR_TARGET, xnorm=None):
     pairs = len(issame)
     if embeddings.ndim != 2 or len(embeddings) != 2 * pairs:
         raise ValueError("need 2 embeddings per pair: %d pairs, embeddings of shape %s" % (pairs, embeddings.shape))
-    if not 2 <= nfolds <= pairs:
-        raise ValueError("nfolds must be in [2, number of pairs = %d], got %d" % (pairs, nfolds))
-    if issame.all() or not issame.any():
-        raise ValueError("issame must hold both same and different pairs")
+    check_folds(issame, nfolds)
     if not 0 < far_target <= 1:
         raise ValueError("far_target must be in (0, 1], got %r" % (far_target,))
     norms = np.linalg.norm(embeddings, axis=1)
@@ -263,53 +268,54 @@ def format_table(results, pair_counts):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Verification accuracy of a legacy MXNet checkpoint or an ONNX "
                                                  "model on .bin sets (10-fold accuracy, VAL@FAR=1e-3, AUC, XNorm).")
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     parser.add_argument("--data-dir", required=True, help="folder holding the sets as NAME.bin")
     parser.add_argument("--target", default=DEFAULT_TARGETS, help="comma-separated set names (default %(default)s)")
-    parser.add_argument("--image-size", default="112,112", help="H,W of the faces (default %(default)s)")
-    parser.add_argument("--nfolds", type=int, default=10, help="cross-validation folds (default %(default)s)")
+    parser.add_argument("--image-size", type=image_size, default=(112, 112), help="H,W of the faces (default 112,112)")
+    parser.add_argument("--nfolds", type=int_at_least(2), default=10,
+                        help="cross-validation folds (default %(default)s)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object on stdout (the table then goes to stderr)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.names = [n.strip() for n in args.target.split(",") if n.strip()]
+    if not args.names:
+        parser.error("--target names no set")
+    return args
 
 
-def main(argv=None):
-    """Run the CLI; returns the exit status (0, or 1 after printing an error)."""
-    args = parse_args(argv)
-    import mxnet as mx
-    from recognition.blas_check import warn_if_generic_blas
-    warn_if_generic_blas()              # the metrics run numpy products
-    try:
-        names = [n.strip() for n in args.target.split(",") if n.strip()]
-        if not names:
-            raise ValueError("--target names no set")
-        image_size = tuple(int(v) for v in args.image_size.split(","))
-        if len(image_size) != 2:
-            raise ValueError("--image-size must be H,W, got %r" % args.image_size)
-        check_model_arguments(args)                   # fail before the slow loading
-        paths = {name: os.path.join(args.data_dir, name + ".bin") for name in names}
-        missing = [path for path in paths.values() if not os.path.isfile(path)]
-        if missing:
-            raise FileNotFoundError("verification set(s) not found: %s" % ", ".join(missing))
-        datasets = {}
-        for name, path in paths.items():
-            begin = time.time()
-            datasets[name] = load_bin(path, image_size)
-            print("loaded %s: %d pairs in %.1f s" % (name, len(datasets[name][1]), time.time() - begin),
-                  file=sys.stderr)
-        embedder = embedder_from_args(args, image_size)
-        results = verify(embedder, datasets, nfolds=args.nfolds, progress=True)
-    except (OSError, ValueError, mx.base.MXNetError) as error:
-        print("error: %s" % error, file=sys.stderr)
-        return 1
+def run(args):
+    """The CLI's work; returns the exit status. Every check that needs no embedding (model files, sets, folds)
+    runs before the first face is embedded."""
+    cli.check_model_arguments(args)
+    paths = {name: os.path.join(args.data_dir, name + ".bin") for name in args.names}
+    missing = [path for path in paths.values() if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError("verification set(s) not found: %s" % ", ".join(missing))
+    embedder = cli.embedder_from_args(args, args.image_size)        # a damaged model fails before the loading
+    datasets = {}
+    for name, path in paths.items():
+        begin = time.time()
+        datasets[name] = load_bin(path, args.image_size)
+        try:
+            check_folds(datasets[name][1], args.nfolds)
+        except ValueError as error:
+            raise ValueError("%s: %s" % (path, error)) from None
+        print("loaded %s: %d pairs in %.1f s" % (name, len(datasets[name][1]), time.time() - begin), file=sys.stderr)
+    results = verify(embedder, datasets, nfolds=args.nfolds, progress=True)
     table = format_table(results, {name: len(issame) for name, (_, issame) in datasets.items()})
     if args.json:
         print(table, file=sys.stderr)
-        print(json.dumps({"model": model_name(args), "sets": {name: dict(pairs=len(datasets[name][1]), **metrics)
-                                                        for name, metrics in results.items()}}))
+        print(json.dumps({"model": cli.model_name(args), "sets": {
+            name: dict(pairs=len(datasets[name][1]), **metrics) for name, metrics in results.items()}}))
     else:
         print(table)
     return 0
+
+
+def main(argv=None):
+    """Run the CLI; returns the exit status (0, or 1 after printing a one-line error)."""
+    args = parse_args(argv)
+    return cli.run(lambda: run(args), "verification")
 
 
 if __name__ == "__main__":

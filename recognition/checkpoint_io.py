@@ -1,84 +1,28 @@
-"""Atomic writing of checkpoint files and folders: a crash mid-write never spoils the last good checkpoint.
+"""Atomic writing of checkpoint folders: a crash mid-write never spoils the last good checkpoint.
 
-A file is written under a temporary name in its own folder, fsynced, then renamed over the final name
-(``os.replace`` is atomic on POSIX): readers see the old file or the new one, never a part. A multi-file
+Single files are written atomically by ``utils/fileio.py`` (temporary name, fsync, rename). A multi-file
 checkpoint is assembled in ``<final>.tmp`` (every rank may write into it), fsynced, marked with a ``COMPLETE``
 file, and renamed into place; ``latest_complete`` only returns marked folders, never ``.tmp`` ones.
 
 Multi-rank use:   rank 0: tmp = prepare_dir(final); barrier; every rank writes into staging_dir(final);
                   barrier; rank 0: commit_dir(tmp, final).
 Single process:   with atomic_dir(final) as tmp: write files into tmp.
+
+The COMPLETE marker holds the folder's manifest: every file's size and CRC-32, so a file damaged after the
+checkpoint was written (a truncated copy, a bad disk) is found before it is loaded (``verify_files``).
 """
 import contextlib
 import fnmatch
+import json
 import os
 import re
 import shutil
-import tempfile
-import zipfile
+import zlib
 
-import numpy as np
+from utils.fileio import TMP_SUFFIX, atomic_save_ndarrays, atomic_write_bytes, fsync_path
 
 COMPLETE = "COMPLETE"       # marker written last into a folder checkpoint
-_STAGING, _OLD = ".tmp", ".old"
-_UMASK = os.umask(0o022)    # read the process umask (os.umask can only read it by setting it) ...
-os.umask(_UMASK)            # ... and put it back
-
-
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:       # some file systems cannot fsync a directory; the rename is still atomic
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def _atomic_file(path, write):
-    """Call ``write(tmp_path)``, fsync the result and rename it to ``path``; on any failure the temporary file
-    is removed and ``path`` keeps its previous content."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=_STAGING, dir=folder)
-    os.close(fd)
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)      # mkstemp makes 0600; a checkpoint gets the usual permissions
-        write(tmp)
-        _fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _fsync_path(folder, directory=True)
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` (bytes) to ``path`` atomically."""
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            f.write(data)
-    _atomic_file(path, write)
-
-
-def atomic_save_ndarrays(path, arrays):
-    """``mx.nd.save(path, arrays)`` (a dict of NDArrays), atomically."""
-    import mxnet as mx
-    _atomic_file(path, lambda tmp: mx.nd.save(tmp, arrays))
-
-
-def atomic_save_numpy(path, arrays):
-    """Save a dict of arrays in ``np.savez``'s format (``np.load`` reads it), atomically; ``path`` is used as
-    given (no '.npz' appended). Object arrays are refused (a checkpoint must not need pickle to load)."""
-    def write(tmp):
-        # np.savez's own zip stays open when an array fails to convert; this one is closed on every path
-        with open(tmp, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
-            for name, value in arrays.items():
-                with archive.open(name + ".npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
-    _atomic_file(path, write)
+_STAGING, _OLD = TMP_SUFFIX, ".old"
 
 
 def save_legacy_checkpoint(prefix, epoch, symbol, arg_params, aux_params):
@@ -117,23 +61,84 @@ def prepare_dir(final_dir):
     return tmp
 
 
-def commit_dir(tmp_dir, final_dir):
-    """Make the fully written ``tmp_dir`` visible as ``final_dir``: fsync its files, write the COMPLETE marker,
-    rename. An older ``final_dir`` is first moved to ``final_dir.old`` (a crash between the two renames leaves
-    that complete folder, which ``latest_complete`` still finds) and deleted once the new one is in place."""
+def file_checksum(path, chunk=1 << 24):
+    """(size in bytes, CRC-32) of a file."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return size, crc
+            crc, size = zlib.crc32(block, crc), size + len(block)
+
+
+def folder_files(folder):
+    """The files under ``folder`` (relative paths, sorted), the COMPLETE marker excluded."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.relpath(os.path.join(parent, name), folder) for name in files]
+    return sorted(f for f in found if f != COMPLETE)
+
+
+def checksums(folder, names):
+    """{name: [size, crc32]} of the files ``names`` (relative to ``folder``)."""
+    return {name: list(file_checksum(os.path.join(folder, name))) for name in names}
+
+
+def commit_dir(tmp_dir, final_dir, manifest=None):
+    """Make the fully written ``tmp_dir`` visible as ``final_dir``: fsync its files, write the COMPLETE marker
+    with the manifest (``checksums`` of every file; computed here when not given), rename. An older
+    ``final_dir`` is first moved to ``final_dir.old`` (a crash between the two renames leaves that complete
+    folder, which ``latest_complete`` still finds) and deleted once the new one is in place."""
     for folder, _, files in os.walk(tmp_dir):
         for name in files:
-            _fsync_path(os.path.join(folder, name))
-        _fsync_path(folder, directory=True)
-    atomic_write_bytes(os.path.join(tmp_dir, COMPLETE), b"")
+            fsync_path(os.path.join(folder, name))
+        fsync_path(folder, directory=True)
+    if manifest is None:
+        manifest = checksums(tmp_dir, folder_files(tmp_dir))
+    atomic_write_bytes(os.path.join(tmp_dir, COMPLETE), json.dumps({"files": manifest}, sort_keys=True).encode())
     final_dir = os.path.normpath(final_dir)
     old = final_dir + _OLD
     if os.path.exists(final_dir):
         remove_dir(old)
         os.replace(final_dir, old)
     os.replace(tmp_dir, final_dir)
-    _fsync_path(os.path.dirname(os.path.abspath(final_dir)), directory=True)
+    fsync_path(os.path.dirname(os.path.abspath(final_dir)), directory=True)
     remove_dir(old)
+
+
+def read_manifest(folder):
+    """{name: [size, crc32]} of a committed folder, or None for a folder committed before manifests existed (an
+    empty marker). A marker that is not a manifest raises ValueError naming it."""
+    path = os.path.join(folder, COMPLETE)
+    with open(path, "rb") as f:
+        text = f.read()
+    if not text:
+        return None
+    try:
+        files = json.loads(text.decode("utf-8"))["files"]
+        return {str(k): [int(v[0]), int(v[1])] for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError("%s is not a checkpoint manifest (damaged)" % path) from None
+
+
+def verify_files(folder, manifest, names):
+    """Problems (messages naming the file) of the files ``names`` of ``folder`` against ``manifest``."""
+    problems = []
+    for name in names:
+        path = os.path.join(folder, name)
+        want_size, want_crc = manifest[name]
+        if not os.path.isfile(path):
+            problems.append("%s is missing" % path)
+            continue
+        size, crc = file_checksum(path)
+        if size != want_size:
+            problems.append("%s has %d bytes, %d when written" % (path, size, want_size))
+        elif crc != want_crc:
+            problems.append("%s does not match its checksum (CRC-32 %08x, %08x when written)" % (path, crc,
+                                                                                                 want_crc))
+    return problems
 
 
 @contextlib.contextmanager
@@ -154,12 +159,12 @@ def _natural_key(name):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def latest_complete(root, pattern="*"):
-    """The newest complete checkpoint folder under ``root`` whose name matches the glob ``pattern`` (newest by
-    name, digit runs compared as numbers), or None. Complete means committed with its COMPLETE marker; staging
-    (``.tmp``) folders are ignored, and a ``NAME.old`` left by a crash mid-commit stands in for a missing NAME."""
+def complete_folders(root, pattern="*"):
+    """The complete checkpoint folders under ``root`` whose names match the glob ``pattern``, newest first (by
+    name, digit runs compared as numbers). Complete means committed with its COMPLETE marker; staging (``.tmp``)
+    folders are ignored, and a ``NAME.old`` left by a crash mid-commit stands in for a missing NAME."""
     if not os.path.isdir(root):
-        return None
+        return []
     found = {}
     for entry in os.listdir(root):
         name = entry[:-len(_OLD)] if entry.endswith(_OLD) else entry
@@ -170,7 +175,27 @@ def latest_complete(root, pattern="*"):
             continue
         if name not in found or entry == name:      # a committed NAME wins over NAME.old
             found[name] = path
-    if not found:
-        return None
-    return found[max(found, key=_natural_key)]
+    return [found[name] for name in sorted(found, key=_natural_key, reverse=True)]
 
+
+def latest_complete(root, pattern="*"):
+    """The newest of ``complete_folders(root, pattern)``, or None."""
+    folders = complete_folders(root, pattern)
+    return folders[0] if folders else None
+
+
+def save_params(path, arg_params, aux_params):
+    """A network's parameters in MXNet's ``.params`` layout (keys 'arg:NAME' / 'aux:NAME', on the CPU),
+    atomically: what ``load_params`` and ``mx.model.load_checkpoint`` read."""
+    import mxnet as mx
+    arrays = {"arg:" + k: v.as_in_context(mx.cpu()) for k, v in arg_params.items()}
+    arrays.update({"aux:" + k: v.as_in_context(mx.cpu()) for k, v in aux_params.items()})
+    atomic_save_ndarrays(path, arrays)
+
+
+def load_params(path):
+    """(arg_params, aux_params) of a ``.params`` file written by ``save_params``."""
+    import mxnet as mx
+    saved = mx.nd.load(path)
+    return ({k[4:]: v for k, v in saved.items() if k.startswith("arg:")},
+            {k[4:]: v for k, v in saved.items() if k.startswith("aux:")})

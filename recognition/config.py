@@ -1,10 +1,15 @@
-"""One run's configuration (an EasyDict): base defaults, then a dataset preset, then command-line flags.
+"""One run's configuration: base defaults, then a dataset preset, then command-line flags; resolved once, frozen.
 
     cfg = config_from_args(["--dataset", "glint360k", "--network", "r50", "--sample-ratio", "0.1"])
 
-``configs/base.py`` defines every key; ``configs/<preset>.py`` overrides some; a flag given on the command line
-overrides both (flags default to None, so an absent flag never hides a preset's value). The data folder comes
-from ``--data-dir``, else ``$PFC_DATA_ROOT/<the preset's data_folder>``: there are no personal paths in code.
+``configs/base.py`` defines the keys every run has; each training method declares its own keys and flags
+(``TrainingMethod.config_defaults`` / ``add_arguments``, e.g. ``recognition/partial_fc/method.py``), merged here
+for every registered method, so a preset may set any of them. ``configs/<preset>.py`` overrides some keys; a
+flag given on the command line overrides both (a flag's ``dest`` is its key; flags not given leave the key as
+it is). ``finalize`` then validates every key, derives the rest (margins, the data folder, the number of classes
+from the data's ``property`` file, the output folder) and returns a ``FrozenConfig``: read-only from then on.
+The data folder comes from ``--data-dir``, else ``$PFC_DATA_ROOT/<the preset's data_folder>``: there are no
+personal paths in code.
 """
 import argparse
 import copy
@@ -14,19 +19,51 @@ import pkgutil
 
 from easydict import EasyDict as edict
 
+import symbols
 from recognition import configs
+from recognition.config_checks import check_choice, check_range, parse_numbers
+from recognition.data import rec_format
+from recognition.methods import method_class, method_names, registered_methods
+from symbols.common import ACT_TYPES
 
 LOSS_SCALES = ("auto", "dynamic", "none")
-ACTIVATIONS = ("prelu", "prelu_conv", "relu")   # symbols.common.ACT_TYPES
-NETWORKS = ("r18", "r34", "r50", "r100", "r200", "mbf")
-LOSSES = {"arcface": (1.0, 0.5, 0.0), "cosface": (1.0, 0.0, 0.4), "combined": (1.0, 0.3, 0.2)}
+ACTIVATIONS = ACT_TYPES
+NETWORKS = symbols.NETWORKS
 DATA_ROOT_ENV = "PFC_DATA_ROOT"
 READERS = ("record", "synthetic")
 LR_MODES = ("step", "poly")
-BANK_LOCATIONS = ("device", "host", "disk")
 CONTEXTS = ("auto", "cpu", "gpu")
-METHODS = ("pfc", "ffc")
-FFC_LOSSES = ("arcface", "cosface", "sv")
+
+
+class FrozenConfig(edict):
+    """A resolved configuration: read it as an EasyDict (``cfg.lr`` or ``cfg["lr"]``); any write raises.
+    Lists are stored as tuples, so nothing inside can change either."""
+
+    def __init__(self, values=None):
+        for key, value in (values or {}).items():
+            value = tuple(value) if isinstance(value, list) else value
+            dict.__setitem__(self, key, value)
+            object.__setattr__(self, key, value)
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("the configuration is read-only once finalize() resolved it; set keys in a preset, "
+                        "with a flag, or on the EasyDict before finalize()")
+
+    __setattr__ = __setitem__ = __delattr__ = __delitem__ = _read_only
+    update = pop = popitem = setdefault = clear = _read_only
+
+    def __reduce__(self):
+        return FrozenConfig, (dict(self),)
+
+    def __deepcopy__(self, memo):
+        return FrozenConfig(copy.deepcopy(dict(self), memo))
+
+    def copy(self):
+        return FrozenConfig(dict(self))
+
+    def thaw(self):
+        """A writable EasyDict copy (to change keys and finalize() again)."""
+        return edict(copy.deepcopy(dict(self)))
 
 
 def list_presets():
@@ -35,46 +72,50 @@ def list_presets():
                   if m.name != "base" and not m.name.startswith("_"))
 
 
+def default_config():
+    """configs/base.py's keys plus every registered training method's own keys, with their defaults."""
+    cfg = copy.deepcopy(importlib.import_module("recognition.configs.base").config)
+    for cls in registered_methods():
+        own = cls.config_defaults()
+        taken = sorted(set(own) & set(cfg))
+        if taken:
+            raise ValueError("training method %r declares key(s) %s that already exist" % (cls.name, ", ".join(taken)))
+        cfg.update(copy.deepcopy(own))
+    return cfg
+
+
 def get_config(dataset):
-    """The base defaults merged with preset ``dataset``. Raises ValueError for an unknown preset (listing the
-    presets) or for a preset that sets a key the base does not define (a typo would otherwise be ignored)."""
+    """The defaults merged with preset ``dataset`` (a writable EasyDict, not yet finalized). Raises ValueError for
+    an unknown preset (listing the presets) or for a preset that sets a key nobody defines (a typo would
+    otherwise be ignored)."""
     presets = list_presets()
     if dataset not in presets:
         raise ValueError("unknown dataset preset %r; choose one of: %s" % (dataset, ", ".join(presets)))
-    cfg = copy.deepcopy(importlib.import_module("recognition.configs.base").config)
+    cfg = default_config()
     preset = importlib.import_module("recognition.configs." + dataset).config
     unknown = sorted(set(preset) - set(cfg))
     if unknown:
-        raise ValueError("preset recognition/configs/%s.py sets unknown key(s) %s (see configs/base.py)"
-                         % (dataset, ", ".join(unknown)))
+        raise ValueError("preset recognition/configs/%s.py sets unknown key(s) %s (see configs/base.py and the "
+                         "training methods' config_defaults)" % (dataset, ", ".join(unknown)))
     cfg.update(copy.deepcopy(preset))
     cfg.dataset = dataset
     return edict(cfg)
 
 
 def build_arg_parser():
-    """Every flag of recognition/train.py. Defaults are None so that only flags actually given override."""
-    p = argparse.ArgumentParser(prog="train.py", description="Partial FC face-recognition training (MXNet + "
-                                "Horovod). Launch with: horovodrun -np N python recognition/train.py --dataset ...")
+    """Every flag of recognition/train.py: the shared ones, then one group per training method. A flag not given
+    is absent from the parsed namespace (``argparse.SUPPRESS``), so only given flags override."""
+    p = argparse.ArgumentParser(prog="train.py", argument_default=argparse.SUPPRESS,
+                                description="Face-recognition training (MXNet + Horovod). Launch with: horovodrun "
+                                "-np N python recognition/train.py --dataset ...")
     add = p.add_argument
     add("--dataset", required=True, help="preset: " + ", ".join(list_presets()))
+    add("--method", choices=method_names(), help="training method: %s (default pfc)" % ", ".join(method_names()))
     # --backbone: the same flag under a name horovodrun's own parser accepts (Python's argparse reads
     # "--network" after the command as an abbreviation of horovodrun's --network-interface(s), an error)
-    add("--method", choices=METHODS, help="training method: pfc (Partial FC, default) or ffc (dynamic class queue)")
     add("--network", "--backbone", dest="network", help="backbone: " + ", ".join(NETWORKS)
         + " (write --backbone after horovodrun: it rejects --network)")
-    add("--loss", help="margin preset: " + ", ".join("%s %s" % kv for kv in LOSSES.items()))
-    add("--margins", help="m1,m2,m3 of s*(cos(m1*theta+m2)-m3) on the target logit; overrides --loss")
-    add("--scale", type=float, help="logit scale s")
-    add("--sample-ratio", type=float, help="share of each rank's class centres sampled per step, in (0, 1]")
-    add("--interclass-filter", type=float, help="Partial FC v2: a negative with cosine above this counts as cosine 0, "
-        "with no gradient, as arcface_torch does (0: off)")
-    add("--bank-location", choices=BANK_LOCATIONS, help="where class centres and their momentum live")
-    add("--bank-dir", help="folder of the memory-mapped bank for --bank-location disk")
-    add("--queue-size", type=int, help="FFC: slots of the dynamic class queue")
-    add("--ffc-alpha", type=float, help="FFC: EMA rate of the gallery net (g <- a*g + (1-a)*probe)")
-    add("--ffc-loss", choices=FFC_LOSSES, help="FFC: margin type over the queue")
-    add("--margin", type=float, help="FFC: margin m of --ffc-loss (Partial FC takes --margins)")
+    add("--scale", type=float, help="logit scale s of the margin softmax")
     add("--batch-size", type=int, help="samples per rank per step (FFC: identities of the id loader and images "
         "of the instance loader per rank)")
     add("--lr", type=float, help="base learning rate, for the preset's lr_batch_reference global samples "
@@ -88,18 +129,28 @@ def build_arg_parser():
     add("--dropout", type=float)
     add("--act-type", choices=ACTIVATIONS, help="backbone activation: prelu (InsightFace's LeakyReLU op), "
         "prelu_conv (the same function and parameters, 1.6-4x faster to train on a CPU), relu")
-    add("--fp16", action=argparse.BooleanOptionalAction, default=None, help="float16 trunk (GPU)")
+    add("--bn-eps", type=float, help="BatchNorm eps of the backbone (default 2e-5, InsightFace's MXNet models; "
+        "--pretrained follows the checkpoint's graph)")
+    add("--fp16", action=argparse.BooleanOptionalAction, help="float16 trunk (GPU)")
     add("--loss-scale", choices=LOSS_SCALES, help="auto: dynamic loss scaling when --fp16, none otherwise")
     add("--ctx", choices=CONTEXTS, help="auto (default: mx.gpu(local_rank) when MXNet sees a GPU, else the CPU), "
         "or force cpu / gpu")
-    add("--models-root", help="outputs go to MODELS_ROOT/<dataset>_<network>_<loss>")
+    add("--models-root", help="outputs go to MODELS_ROOT/<dataset>_<network>_<head>")
     add("--output", help="exact output folder (overrides the --models-root naming)")
     add("--data-dir", help="dataset folder with train.rec/.idx/property (default: $%s/<preset folder>)"
         % DATA_ROOT_ENV)
     add("--val-dir", help="folder of the .bin verification sets (default: the data folder)")
     add("--val-targets", help="comma-separated .bin names, e.g. lfw,cfp_fp,agedb_30 ('' for none)")
     add("--num-classes", type=int, help="identities of a synthetic-reader preset")
-    add("--resume", action="store_true", default=None, help="continue from the newest complete checkpoint")
+    add("--resume", action="store_true", help="continue from the newest intact checkpoint (damaged newer ones "
+        "are named and skipped)")
+    add("--overwrite", action="store_true", help="replace the earlier run in the output folder (its checkpoints, "
+        "exports and log are deleted); without it (or --resume) a folder holding a run is refused")
+    add("--elastic", action="store_true", help="elastic training under horovodrun --min-np N --max-np M "
+        "--host-discovery-script S: after a lost rank the others go on from the last commit; added hosts join at "
+        "the next commit")
+    add("--commit-every", type=int, help="--elastic: commit the training state in memory every N steps (a lost "
+        "rank costs the steps since the last commit)")
     add("--seed", type=int)
     add("--frequent", type=int, help="log a line every N steps")
     add("--verbose", type=int, help="verify every N steps (0: never)")
@@ -108,107 +159,65 @@ def build_arg_parser():
         "best-verifying weights stay in best-0000.params")
     add("--pretrained", help="PREFIX,EPOCH: start the backbone from legacy checkpoint PREFIX-EPOCH.params (this "
         "project's or InsightFace's MXNet models; the classifier fc7 is never taken)")
-    add("--pretrained-partial", action="store_true", default=None, help="with --pretrained: load the parameters "
-        "that fit and warn about the rest (default: any misfit is an error)")
+    add("--pretrained-partial", action="store_true", help="with --pretrained: load the parameters that fit and "
+        "warn about the rest (default: any misfit is an error)")
     add("--pretrained-head", help="start the head from this project's checkpoint folder (checkpoints/step_*, "
         "any world size; a checkpoints/ folder means its newest)")
     add("--preprocess-threads", type=int, help="JPEG decoding threads per rank")
+    add("--max-damaged", type=float, help="largest share of damaged records a rank accepts in its part of the "
+        "data set (default 0.01); past it the run stops, naming the file and the first bad records")
+    p.method_flags = {}         # config key -> (flag, the method that owns it)
+    for cls in registered_methods():
+        group = p.add_argument_group("%s (--method %s)" % (cls.__name__, cls.name))
+        cls.add_arguments(group)
+        p.method_flags.update({a.dest: (a.option_strings[0], cls.name) for a in group._group_actions})
     return p
 
 
-# flags copied verbatim onto the key of the same name (the others need parsing)
-_DIRECT = ("method", "queue_size", "ffc_alpha", "ffc_loss", "network", "loss", "scale", "sample_ratio",
-           "interclass_filter", "bank_location", "bank_dir", "batch_size", "lr", "num_epochs", "max_steps", "lr_mode",
-           "warmup_epochs", "embedding_size", "dropout", "fp16", "ctx", "models_root", "output", "data_dir",
-           "val_dir", "resume", "seed", "frequent", "verbose", "checkpoint_every", "preprocess_threads", "act_type",
-           "loss_scale", "keep_exports", "pretrained", "pretrained_partial", "pretrained_head")
-
-
-def _numbers(flag, text, count=None):
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        values = None
-    if values is None or (count is not None and len(values) != count):
-        raise ValueError("%s takes %s comma-separated numbers, got %r" % (flag, count or "some", text))
-    return values
-
-
 def config_from_args(argv=None):
-    """Parse ``argv`` (default sys.argv[1:]), merge the flags over the preset, validate, derive dependent keys.
-    Bad values raise ValueError naming the flag or key and the valid choices."""
-    args = build_arg_parser().parse_args(argv)
-    cfg = get_config(args.dataset)
-    for key in _DIRECT:
-        value = getattr(args, key)
-        if value is not None:
-            cfg[key] = value
-    if args.margins is not None:
-        cfg.margins = _numbers("--margins", args.margins, 3)
-    elif args.loss is not None:
-        cfg.margins = None      # an explicit --loss replaces the preset's margins
-    if args.margin is not None:
-        cfg.ffc_margin = args.margin
-    if args.lr_steps is not None:
-        cfg.lr_steps = _numbers("--lr-steps", args.lr_steps)
-    if args.val_targets is not None:
-        cfg.val_targets = [t.strip() for t in args.val_targets.split(",") if t.strip()]
-    if args.num_classes is not None:
-        if cfg.reader != "synthetic":
-            raise ValueError("--num-classes is for synthetic-reader presets; %s takes it from its property file"
-                             % cfg.dataset)
-        cfg.num_classes = args.num_classes
+    """Parse ``argv`` (default sys.argv[1:]), merge the flags over the preset, then ``finalize``. Bad values raise
+    ValueError naming the flag or key and the valid choices."""
+    parser = build_arg_parser()
+    given = vars(parser.parse_args(argv))
+    cfg = get_config(given.pop("dataset"))
+    method = given.get("method", cfg.method)
+    for key, (flag, owner) in sorted(parser.method_flags.items()):
+        if key in given and owner != method:
+            raise ValueError("%s belongs to --method %s; this run trains with --method %s" % (flag, owner, method))
+    if "num_classes" in given and cfg.reader != "synthetic":
+        raise ValueError("--num-classes is for synthetic-reader presets; %s takes it from its property file"
+                         % cfg.dataset)
+    for key, value in given.items():
+        cfg[key] = value
     return finalize(cfg)
 
 
-def _check_choice(cfg, key, choices):
-    if cfg[key] not in choices:
-        raise ValueError("unknown %s %r; choose one of: %s" % (key.replace("_", " "), cfg[key], ", ".join(choices)))
-
-
-def _check_range(cfg, key, low, high=None, low_open=False):
-    value = cfg[key]
-    bad = value is None or value < low or (low_open and value == low) or (high is not None and value > high)
-    if bad:
-        raise ValueError("%s must be %s %s%s, got %r" % (key, ">" if low_open else ">=", low,
-                                                         "" if high is None else " and <= %s" % high, value))
-
-
 def finalize(cfg):
-    """Validate every choice and range, then fill the derived keys: margins (from loss), data_dir (from
-    $PFC_DATA_ROOT for record presets), output (models_root/<dataset>_<network>_<loss>)."""
-    _check_choice(cfg, "network", NETWORKS)
-    _check_choice(cfg, "loss", tuple(LOSSES))
-    _check_choice(cfg, "reader", READERS)
-    _check_choice(cfg, "lr_mode", LR_MODES)
-    _check_choice(cfg, "bank_location", BANK_LOCATIONS)
-    _check_choice(cfg, "ctx", CONTEXTS)
-    _check_choice(cfg, "act_type", ACTIVATIONS)
-    _check_choice(cfg, "loss_scale", LOSS_SCALES)
-    _check_choice(cfg, "method", METHODS)
-    _check_choice(cfg, "ffc_loss", FFC_LOSSES)
-    cfg.margins = tuple(float(m) for m in (LOSSES[cfg.loss] if cfg.margins is None else cfg.margins))
-    if len(cfg.margins) != 3 or cfg.margins[0] <= 0:
-        raise ValueError("margins must be (m1, m2, m3) with m1 > 0, got %r" % (cfg.margins,))
-    _check_range(cfg, "sample_ratio", 0.0, 1.0, low_open=True)
-    _check_range(cfg, "scale", 0.0, low_open=True)
-    _check_range(cfg, "interclass_filter", 0.0, 1.0)
-    _check_range(cfg, "dropout", 0.0, 1.0)
+    """Validate every choice and range, fill the derived keys (the method's own, data_dir from $PFC_DATA_ROOT,
+    num_classes from the data's property file, output = models_root/<dataset>_<network>_<head>) and return the
+    configuration frozen."""
+    cfg = edict(cfg)
+    check_choice(cfg, "method", method_names())
+    check_choice(cfg, "network", NETWORKS)
+    check_choice(cfg, "reader", READERS)
+    check_choice(cfg, "lr_mode", LR_MODES)
+    check_choice(cfg, "ctx", CONTEXTS)
+    check_choice(cfg, "act_type", ACTIVATIONS)
+    check_choice(cfg, "loss_scale", LOSS_SCALES)
+    check_range(cfg, "scale", 0.0, low_open=True)
+    check_range(cfg, "dropout", 0.0, 1.0)
+    check_range(cfg, "bn_eps", 0.0, low_open=True)
+    check_range(cfg, "max_damaged", 0.0, 1.0)
     for key in ("batch_size", "embedding_size", "frequent", "checkpoint_every", "lr_batch_reference",
-                "preprocess_threads"):
-        _check_range(cfg, key, 1)
-    for key in ("verbose", "warmup_epochs", "seed", "ffc_margin", "keep_exports"):
-        _check_range(cfg, key, 0)
-    _check_range(cfg, "queue_size", 1)
-    _check_range(cfg, "ffc_alpha", 0.0, 1.0)
-    _check_range(cfg, "ffc_sv_t", 1.0)
-    if cfg.method == "ffc" and cfg.batch_size % 2:
-        raise ValueError("FFC splits each instance batch into two halves: batch_size must be even, got %d"
-                         % cfg.batch_size)
-    _check_range(cfg, "lr", 0.0, low_open=True)
-    _check_range(cfg, "num_epochs", 0.0, low_open=True)
+                "preprocess_threads", "keep_checkpoints", "val_batch_size", "synthetic_steps", "commit_every"):
+        check_range(cfg, key, 1)
+    for key in ("verbose", "warmup_epochs", "seed", "keep_exports", "momentum", "weight_decay", "lr_factor",
+                "lr_power"):
+        check_range(cfg, key, 0)
+    check_range(cfg, "lr", 0.0, low_open=True)
+    check_range(cfg, "num_epochs", 0.0, low_open=True)
     if cfg.max_steps is not None:
-        _check_range(cfg, "max_steps", 1)
+        check_range(cfg, "max_steps", 1)
     if cfg.pretrained:
         from eval.embedding import parse_model_spec
         try:
@@ -217,7 +226,11 @@ def finalize(cfg):
             raise ValueError("--pretrained: %s" % err) from None
     elif cfg.pretrained_partial:
         raise ValueError("--pretrained-partial needs --pretrained PREFIX,EPOCH")
+    if isinstance(cfg.lr_steps, str):
+        cfg.lr_steps = parse_numbers("--lr-steps", cfg.lr_steps)
     cfg.lr_steps = tuple(sorted(float(e) for e in cfg.lr_steps))
+    if isinstance(cfg.val_targets, str):
+        cfg.val_targets = [t.strip() for t in cfg.val_targets.split(",") if t.strip()]
     cfg.val_targets = list(cfg.val_targets)
     if cfg.reader == "synthetic":
         if not isinstance(cfg.num_classes, int) or cfg.num_classes < 1:
@@ -225,10 +238,12 @@ def finalize(cfg):
                              % (cfg.dataset, cfg.num_classes))
     else:
         cfg.data_dir = _resolve_data_dir(cfg)
+        cfg.num_classes = _classes_of_data(cfg)
+    method = method_class(cfg.method)
+    method.finalize_config(cfg)
     if cfg.output is None:
-        head = cfg.loss if cfg.method == "pfc" else "ffc_" + cfg.ffc_loss
-        cfg.output = os.path.join(cfg.models_root, "%s_%s_%s" % (cfg.dataset, cfg.network, head))
-    return cfg
+        cfg.output = os.path.join(cfg.models_root, "%s_%s_%s" % (cfg.dataset, cfg.network, method.output_name(cfg)))
+    return FrozenConfig(cfg)
 
 
 def _resolve_data_dir(cfg):
@@ -242,3 +257,18 @@ def _resolve_data_dir(cfg):
     if not os.path.isdir(cfg.data_dir):
         raise ValueError("data folder %s of dataset %s does not exist" % (cfg.data_dir, cfg.dataset))
     return cfg.data_dir
+
+
+def _classes_of_data(cfg):
+    """The number of classes of a record data set: its ``property`` file's (a preset's own figure is only a
+    hint; a difference is logged)."""
+    path = os.path.join(cfg.data_dir, rec_format.PROPERTY)
+    try:
+        num_classes = rec_format.read_property(path)[0]
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(str(err)) from None
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        import logging
+        logging.getLogger("recognition.train").warning(
+            "%s says %d classes, preset %s %d; using the file's", path, num_classes, cfg.dataset, cfg.num_classes)
+    return num_classes

@@ -16,14 +16,27 @@ import numpy as np
 
 
 class PhaseClock:
-    """Adds the time since the last tick to ``timings[phase]`` (per-phase timings of a step, for benchmarks)."""
+    """Adds the seconds since the last tick to ``timings[phase]`` (the phases of a step, for benchmarks and logs).
 
-    def __init__(self, timings):
-        self.timings, self.last = timings, time.perf_counter()
+    ``wait=True`` (timing a whole training step) first waits for MXNet's asynchronous engine: for ``result`` (an
+    NDArray) when given, else for every queued operation, so a phase is charged its own work. ``timings`` None:
+    does nothing (and never waits).
+    """
 
-    def tick(self, phase):
+    def __init__(self, timings, wait=False):
+        self.timings, self.wait, self.last = timings, bool(wait), time.perf_counter()
+
+    def tick(self, phase, result=None):
+        if self.timings is None:
+            return
+        if self.wait:
+            import mxnet as mx
+            if result is None:
+                mx.nd.waitall()
+            else:
+                result.wait_to_read()
         now = time.perf_counter()
-        self.timings[phase] += now - self.last
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self.last
         self.last = now
 
 

@@ -1,49 +1,54 @@
-"""The training loop: a backbone (``backbone.py``), a training method, Horovod, verification and checkpoints.
+"""The training loop: a backbone (``backbone.py``), a training method (``method.py``), Horovod, verification and
+checkpoints (``checkpointing.py``).
 
-A training method owns the data and the classification head and runs one step; the loop around it is the same
-for every method:
+A training method owns the data and the classification head and runs one step (``method.TrainingMethod``; the
+registry ``methods.py`` maps ``--method`` to one); the loop around it is the same for every method:
 
     Partial FC (``recognition.partial_fc.method``): batch -> backbone forward -> Partial FC head -> backward.
     FFC (``recognition.ffc.method``): id + instance batches -> EMA gallery net, probe forwards of both halves ->
     dynamic class queue (side A, undone; side B, kept) -> two backward passes -> one update.
 
-A method provides ``steps_per_epoch``, ``probe_batch_size`` (rows of one backbone forward), ``accumulate`` (True
-when a step runs several backward passes), ``attach(backbone)``, ``batches(epoch, start_step)``,
-``train_step(backbone, batch, lr, clock) -> loss``, ``position(step)`` (its data position, for the checkpoint),
-``save(folder)`` / ``load(folder)`` (every rank) and ``timings``. The learning rate of everything comes from one
-schedule, a pure function of the global step.
-
-Everything the next step depends on is a function of (seed, step) or is checkpointed (backbone parameters,
-optimizer momentum, the method's state, the step), so a resumed run continues exactly where the interrupted one
-stood, on the same or a different number of ranks.
+The learning rate of everything comes from one schedule, a pure function of the global step. Everything the next
+step depends on is a function of (seed, step) or is checkpointed (backbone parameters, optimizer momentum, the
+method's state, the step), so a resumed run continues exactly where the interrupted one stood, on the same or a
+different number of ranks.
 
 A run starts from scratch, or fine-tunes: the backbone from a legacy export (``--pretrained``, loaded by the
 Backbone before ``attach``) and the method's head from one of this project's checkpoint folders
-(``--pretrained-head``, through ``method.load``); ``--resume`` then takes precedence over both. Each checkpoint
-also writes a legacy export ``model-%04d.params``; the newest ``keep_exports`` are kept.
+(``--pretrained-head``, through ``method.load``); ``--resume`` then takes precedence over both. The method is
+closed (its threads stopped, its files closed) when the run ends, fails or is stopped by a signal.
 """
+import glob
 import json
 import logging
+import math
 import os
-import re
 import signal
 import time
 
 import numpy as np
 import mxnet as mx
 
-from recognition import checkpoint_io, dist
+from recognition import checkpoint_io, dist, startup_checks
 from recognition.backbone import Backbone
+from recognition.checkpointing import RunCheckpoints
 from recognition.lr_scheduler import build_schedule
-from recognition.pretrained import head_checkpoint, on_every_rank
-from recognition.progress import ProgressLogger
+from recognition.method import Snapshot
+from recognition.methods import method_class
+from recognition.dist import on_every_rank
+from recognition.pretrained import head_checkpoint
+from recognition.progress import PhaseClock, ProgressLogger
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
-CHECKPOINT_DIR = "checkpoints"
-STATE_FILE = "state.json"
-EXPORT_PREFIX = "model"                             # legacy exports: model-symbol.json + model-%04d.params
-_EXPORT_FILE = re.compile(r"^%s-(\d{4,})\.params$" % EXPORT_PREFIX)
+ZERO_LOSS_STEPS = 5     # a run whose loss is exactly 0 for its first steps is learning nothing: it stops
+# what a run leaves in its output folder (a second run into the same folder without --resume is refused)
+RUN_FILES = ("checkpoints", "train_log.jsonl", "model-symbol.json", "model-*.params", "best-*", "best.json")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user must fix (bad data, a diverged loss); the same on every rank."""
 
 
 def choose_context(name, local_rank):
@@ -64,22 +69,13 @@ def choose_context(name, local_rank):
     return mx.gpu(local_rank), "%s: MXNet sees %d GPU(s), one per rank" % (name, visible)
 
 
-def build_method(cfg, ctx, rank, size):
-    """The training method ``cfg.method`` names ("pfc" or "ffc")."""
-    if cfg.method == "ffc":
-        from recognition.ffc.method import FFCMethod
-        return FFCMethod(cfg, ctx, rank, size)
-    from recognition.partial_fc.method import PartialFCMethod
-    return PartialFCMethod(cfg, ctx, rank, size)
-
-
 class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the ranks agree on at a step boundary (no rank dies mid-collective)."""
+    """Turns SIGTERM / SIGINT into a flag the ranks agree on at a step boundary (no rank dies mid-collective).
+    ``restore()`` puts the previous handlers back."""
 
     def __init__(self):
         self.signum = 0
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -88,15 +84,38 @@ class StopRequest:
         """Signal number if any rank was asked to stop (every rank gets the same answer), else 0."""
         return int(dist.allreduce(np.array([self.signum], np.int32), name="train.stop", op="max")[0])
 
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
 
 class Trainer:
-    def __init__(self, cfg):
+    """One training run of ``cfg`` (a frozen config) on this rank: ``fit()`` trains, checkpoints and closes."""
+
+    def __init__(self, cfg, claim_output=True):
         self.cfg = cfg
+        self.claim_output = claim_output      # False: a restart of this run in its own folder (--elastic)
         self.rank, self.size = dist.rank(), dist.size()
-        self.ctx, why = choose_context(cfg.ctx, dist.local_rank())
+        self.ctx, why = on_every_rank(lambda: choose_context(cfg.ctx, dist.local_rank()), "choosing the device")
         if self.rank == 0:
             log.info("device: %s on rank 0 (%s)", self.ctx, why)
-        self.method = build_method(cfg, self.ctx, self.rank, self.size)
+        self.method = self.verifier = None
+        self.closed = False
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self):
+        cfg = self.cfg
+        self.output = cfg.output
+        startup_checks.check_shared_output(cfg.output)
+        if self.claim_output:
+            on_every_rank(self._claim_output, "the output folder")
+        self.method = on_every_rank(lambda: method_class(cfg.method)(cfg, self.ctx, self.rank, self.size),
+                                    "building the %s method (its data readers)" % cfg.method,
+                                    cleanup=lambda method: method.close())
         self.steps_per_epoch = self.method.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ValueError("the data gives no full batch of %d per rank on %d ranks" % (cfg.batch_size, self.size))
@@ -105,18 +124,56 @@ class Trainer:
         self.schedule = build_schedule(cfg, self.steps_per_epoch, self.size)
         self.backbone = Backbone(cfg, self.ctx, self.method.probe_batch_size, accumulate=self.method.accumulate)
         self.method.attach(self.backbone)
-        if cfg.get("pretrained_head"):       # the head's start; --resume later replaces it with the run's own
+        if cfg.pretrained_head:       # the head's start; --resume later replaces it with the run's own
             folder = on_every_rank(lambda: head_checkpoint(cfg.pretrained_head, cfg), "head_folder")
             on_every_rank(lambda: self.method.load(folder), "head")
             if self.rank == 0:
                 log.info("--pretrained-head: the %s head starts from %s", cfg.method, folder)
-        self.output = cfg.output
-        self.checkpoint_root = os.path.join(self.output, CHECKPOINT_DIR)
+        self.checkpoints = RunCheckpoints(cfg, self.rank)
+        self.checkpoint_root = self.checkpoints.root
         self.step = 0
         self.best = None
         self.verifier = None
-        if self.rank == 0:
-            os.makedirs(self.checkpoint_root, exist_ok=True)
+        self.resumed = False
+        self.loss_seen = False       # a non-zero loss so far
+        # every .bin is read and checked now, not at the first verification (rank 0 verifies)
+        self.val_sets = on_every_rank(self._load_val_sets, "verification sets")
+
+    def _claim_output(self):
+        """Rank 0: refuse an output folder that holds another run, unless --resume continues it or --overwrite
+        replaces it (its checkpoints, exports and log are removed first)."""
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        if cfg.resume and cfg.overwrite:
+            raise ValueError("--resume continues the run in %s and --overwrite deletes it: give one" % cfg.output)
+        previous = sorted({os.path.basename(p) for pattern in RUN_FILES
+                           for p in glob.glob(os.path.join(glob.escape(cfg.output), pattern))
+                           if not os.path.isdir(p) or os.listdir(p)})
+        if not previous or cfg.resume:
+            return
+        if not cfg.overwrite:
+            raise ValueError("%s holds another run (%s): pass --resume to continue it, --overwrite to replace it, "
+                             "or another --output" % (cfg.output, ", ".join(previous)))
+        log.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(previous), cfg.output)
+        for name in previous:
+            path = os.path.join(cfg.output, name)
+            (checkpoint_io.remove_dir if os.path.isdir(path) else os.remove)(path)
+
+    def _load_val_sets(self):
+        """Rank 0: {name: (images, issame)} of the configured .bin sets; a missing one is skipped with a warning,
+        a damaged one is an error now (before any training)."""
+        if self.rank != 0 or not self.cfg.val_targets:
+            return {}
+        from eval import verification
+        sets = {}
+        for name in self.cfg.val_targets:
+            path = os.path.join(self.cfg.val_dir or self.cfg.data_dir or "", name + ".bin")
+            if not os.path.exists(path):
+                log.warning("verification set %s not found; skipped", path)
+                continue
+            sets[name] = verification.load_bin(path)
+        return sets
 
     @property
     def module(self):
@@ -128,13 +185,20 @@ class Trainer:
         return self.backbone.symbol
 
     # ------------------------------------------------------------------------------------------- loop
-    def fit(self):
+    def fit(self, after_step=None):
         """Train to ``total_steps``; returns the last loss. Exits (non-zero) on SIGTERM / SIGINT after a
-        checkpoint, which every rank agrees on at a step boundary."""
+        checkpoint, which every rank agrees on at a step boundary. ``after_step(trainer)`` runs after every step,
+        after its checkpoint (--elastic commits there). The method is closed however this ends."""
+        try:
+            return self._fit(after_step)
+        finally:
+            self.close()
+
+    def _fit(self, after_step=None):
         cfg = self.cfg
-        if cfg.resume:
+        if cfg.resume and not self.resumed:
             self.resume()
-        stopper = StopRequest()
+        self.start_step = self.step
         progress = ProgressLogger(self.total_steps, cfg.batch_size * self.size, frequent=cfg.frequent,
                                   log_path=os.path.join(self.output, "train_log.jsonl") if self.rank == 0 else None,
                                   rank=self.rank, start_step=self.step)
@@ -142,28 +206,54 @@ class Trainer:
             log.info("training %s on %d rank(s): %d steps (%d per epoch), global batch %d; %s", cfg.network,
                      self.size, self.total_steps, self.steps_per_epoch, cfg.batch_size * self.size,
                      self.method.describe())
-        loss = float("nan")
-        while self.step < self.total_steps:
-            epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
-            for batch in self.method.batches(epoch, start_step=in_epoch):
-                loss = self.train_step(batch)
-                self.step += 1
-                progress.step(self.step, epoch, loss, self.schedule(self.step - 1))
-                signum = stopper.agreed()
-                if signum:
-                    self.save_checkpoint()
-                    log.warning("rank %d: stopping at step %d on signal %d (checkpoint saved)",
-                                self.rank, self.step, signum)
-                    raise SystemExit(128 + signum)
-                if cfg.verbose and self.step % cfg.verbose == 0:
-                    self.verify(progress)
-                if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
-                    self.save_checkpoint()
-                if self.step >= self.total_steps:
-                    break
-        if cfg.verbose and self.step % cfg.verbose != 0:
-            self.verify(progress)
-        return loss
+        stopper = StopRequest()
+        try:
+            loss = float("nan")
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.steps_per_epoch)
+                batches = self.method.batches(epoch, start_step=in_epoch)
+                try:
+                    for batch in batches:
+                        loss = self.train_step(batch)
+                        self.step += 1
+                        self._check_loss(loss)
+                        progress.step(self.step, epoch, loss, self.schedule(self.step - 1))
+                        signum = stopper.agreed()
+                        if signum:
+                            self.save_checkpoint()
+                            log.warning("rank %d: stopping at step %d on signal %d (checkpoint saved)",
+                                        self.rank, self.step, signum)
+                            raise SystemExit(128 + signum)
+                        if cfg.verbose and self.step % cfg.verbose == 0:
+                            self.verify(progress)
+                        if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                            self.save_checkpoint()
+                        if after_step is not None:
+                            after_step(self)
+                        if self.step >= self.total_steps:
+                            break
+                finally:
+                    close = getattr(batches, "close", None)
+                    if close is not None:      # a generator stopped early releases its reader resources now
+                        close()
+            if cfg.verbose and self.step % cfg.verbose != 0:
+                self.verify(progress)
+            return loss
+        finally:
+            stopper.restore()
+
+    def _check_loss(self, loss):
+        """Stop (every rank alike: the loss is global) on a loss that is not finite, and on one that stayed
+        exactly 0 for the first steps (every row ignored: no usable data), before any checkpoint is written."""
+        if not math.isfinite(loss):
+            raise TrainingError("step %d: the loss is %r; stopping before it is saved (a learning rate too high for "
+                                "this batch size, or broken data?)" % (self.step, loss))
+        self.loss_seen = self.loss_seen or loss != 0.0
+        first = self.step - self.start_step
+        if not self.loss_seen and (first >= ZERO_LOSS_STEPS or self.step % self.cfg.checkpoint_every == 0
+                                   or self.step == self.total_steps):
+            raise TrainingError("the loss has been exactly 0 for the first %d step(s): no batch held a usable "
+                                "labelled image (damaged or undecodable data?); nothing was saved" % first)
 
     def train_step(self, batch, phase_times=None):
         """One step of the method on ``batch``; returns the global mean loss.
@@ -176,7 +266,22 @@ class Trainer:
         lr = self.schedule(self.step)
         # dropout masks (the only randomness in the graph) are a function of (seed, rank, step)
         mx.random.seed(_mix(self.cfg.seed, self.rank, self.step))
-        return self.method.train_step(self.backbone, batch, lr, _PhaseClock(phase_times))
+        return self.method.train_step(self.backbone, batch, lr, PhaseClock(phase_times, wait=True))
+
+    def close(self):
+        """Stop the method's threads and close its files (once; also after an error)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.method is not None:
+            try:
+                self.method.close()
+            except Exception:     # noqa: BLE001 - closing after a failure must not hide the failure
+                log.exception("rank %d: closing the training method failed", self.rank)
+        if self.verifier is not None:
+            close = getattr(self.verifier[0], "close", None)
+            if close is not None:
+                close()
 
     # ------------------------------------------------------------------------------------ verification
     def verify(self, progress):
@@ -185,16 +290,9 @@ class Trainer:
             return None
         from eval import verification
         if self.verifier is None:
-            sets = {}
-            for name in self.cfg.val_targets:
-                path = os.path.join(self.cfg.val_dir or self.cfg.data_dir or "", name + ".bin")
-                if not os.path.exists(path):
-                    log.warning("verification set %s not found; skipped", path)
-                    continue
-                sets[name] = verification.load_bin(path)
             arg, aux = self.backbone.get_params()
             self.verifier = (verification.Embedder(self.symbol, arg, aux, ctx=self.ctx,
-                                                   batch_size=self.cfg.val_batch_size), sets)
+                                                   batch_size=self.cfg.val_batch_size), self.val_sets)
         embedder, sets = self.verifier
         if not sets:
             return None
@@ -206,73 +304,60 @@ class Trainer:
         if self.best is None or score > self.best:
             self.best = score
             checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, "best"), 0, self.symbol, arg, aux)
-            checkpoint_io.atomic_write_bytes(os.path.join(self.output, "best.json"), json.dumps(
+            fileio.atomic_write_bytes(os.path.join(self.output, "best.json"), json.dumps(
                 {"step": self.step, "mean_accuracy": score, "results": results}, indent=1).encode())
         return results
 
     # ------------------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self):
-        """Legacy export (rank 0) plus a resumable state that every rank contributes to, made visible atomically."""
-        final = os.path.join(self.checkpoint_root, "step_%09d" % self.step)
-        tmp = checkpoint_io.staging_dir(final)
-        if self.rank == 0:
-            checkpoint_io.prepare_dir(final)
-        dist.barrier("ckpt.begin")
-        self.method.save(tmp)
-        if self.rank == 0:
-            arg, aux = self.backbone.get_params()
-            checkpoint_io.atomic_save_ndarrays(os.path.join(tmp, "backbone.params"),
-                                               {**{"arg:" + k: v for k, v in arg.items()},
-                                                **{"aux:" + k: v for k, v in aux.items()}})
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, "optimizer.states"), self.backbone.optimizer_states())
-            scaler = self.backbone.scaler
-            state = {"step": self.step, "world_size": self.size, "method": self.cfg.method,
-                     "num_classes": self.cfg.num_classes, "embedding_size": self.cfg.embedding_size,
-                     "network": self.cfg.network, "seed": self.cfg.seed, "schedule": self.schedule.state_dict(),
-                     "data_position": self.method.position(self.step), "best": self.best,
-                     "loss_scale": scaler.state_dict() if scaler else None, "time": time.time()}
-            checkpoint_io.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
-        dist.barrier("ckpt.written")
-        if self.rank == 0:
-            checkpoint_io.commit_dir(tmp, final)
-            arg, aux = self.backbone.get_params()
-            index = self.step // self.cfg.checkpoint_every if self.cfg.checkpoint_every else self.step
-            checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, EXPORT_PREFIX), index, self.symbol, arg,
-                                                 aux)
-            self._prune_checkpoints()
-            self._prune_exports(index)
-            log.info("checkpoint %s", final)
-        dist.barrier("ckpt.done")
-        return final
+        """A resumable state of this step (every rank contributes) plus its legacy export; returns the folder."""
+        scaler = self.backbone.scaler
+        state = {"step": self.step, "world_size": self.size, "method": self.cfg.method,
+                 "num_classes": self.cfg.num_classes, "embedding_size": self.cfg.embedding_size,
+                 "network": self.cfg.network, "seed": self.cfg.seed, "schedule": self.schedule.state_dict(),
+                 "data_position": self.method.position(self.step), "best": self.best,
+                 "loss_scale": scaler.state_dict() if scaler else None, "time": time.time()}
+        return self.checkpoints.save(self.step, self.backbone, self.method, state)
 
-    def _prune_checkpoints(self):
-        keep = self.cfg.keep_checkpoints
-        done = sorted(d for d in os.listdir(self.checkpoint_root) if d.startswith("step_") and
-                      os.path.isfile(os.path.join(self.checkpoint_root, d, checkpoint_io.COMPLETE)))
-        for old in done[:-keep] if keep else []:
-            checkpoint_io.remove_dir(os.path.join(self.checkpoint_root, old))
+    def snapshot(self):
+        """The whole training state of this rank after ``step`` in host memory (an elastic commit,
+        ``recognition/elastic.py``): a ``method.Snapshot`` whose shared part holds the step, the backbone, its
+        optimizer state, the loss scale and the best verification besides the method's own. A collective: the
+        BatchNorm moving statistics and the best verification differ between ranks and are rank 0's, as in a
+        checkpoint (the live ones stay as they are)."""
+        arg, aux = self.backbone.get_params()
+        aux = {k: dist.broadcast(v, name="snapshot.aux." + k) for k, v in aux.items()}    # all sent, then read
+        aux = {k: v.asnumpy() for k, v in aux.items()}
+        best = float(dist.broadcast(np.array([np.nan if self.best is None else self.best]), "snapshot.best")[0])
+        method = self.method.snapshot()
+        scaler = self.backbone.scaler
+        shared = {"step": self.step, "best": None if np.isnan(best) else best,
+                  "position": self.method.position(self.step), "arg": {k: v.asnumpy() for k, v in arg.items()},
+                  "aux": aux,
+                  "optimizer": self.backbone.optimizer_states(), "loss_scale": scaler.state_dict() if scaler else None,
+                  "method": method.shared}
+        return Snapshot(shared, method.rows)
 
-    def _prune_exports(self, current):
-        """Keep the newest ``keep_exports`` legacy ``model-%04d.params`` (0: all), always the one just written.
-        The best-verifying weights are ``best-0000.params``, another prefix, never removed here."""
-        keep = self.cfg.keep_exports
-        if not keep:
-            return
-        found = sorted((int(m.group(1)), m.group(0)) for m in map(_EXPORT_FILE.match, os.listdir(self.output)) if m)
-        older = [name for index, name in found if index != current]
-        for name in older[:max(0, len(found) - keep)]:
-            os.remove(os.path.join(self.output, name))
+    def load_snapshot(self, shared, rows):
+        """Continue from a ``snapshot()`` taken on any number of ranks; ``rows`` holds this rank's
+        ``method.shard_rows()`` of it."""
+        nd = lambda arrays: {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
+        self.backbone.set_params(nd(shared["arg"]), nd(shared["aux"]))
+        self.backbone.load_optimizer_states(shared["optimizer"])
+        self.method.load_snapshot(shared["method"], rows)
+        if self.backbone.scaler is not None and shared["loss_scale"]:
+            self.backbone.scaler.load_state_dict(shared["loss_scale"])
+        self.step, self.best, self.resumed = int(shared["step"]), shared["best"], True
 
     def resume(self):
         """Load the newest complete checkpoint under the output folder, if any (re-sharding the centres)."""
-        folder = checkpoint_io.latest_complete(self.checkpoint_root, "step_*")
+        self.resumed = True
+        folder = self.checkpoints.latest_intact()
         if folder is None:
             if self.rank == 0:
                 log.info("--resume: no checkpoint under %s; starting from scratch", self.checkpoint_root)
             return False
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            state = json.load(f)
-        state.setdefault("method", "pfc")        # checkpoints written before FFC existed
+        state = self.checkpoints.read_state(folder)
         for key in ("method", "num_classes", "embedding_size", "network"):
             if state[key] != self.cfg[key]:
                 raise ValueError("checkpoint %s has %s=%r, this run %r" % (folder, key, state[key], self.cfg[key]))
@@ -280,12 +365,7 @@ class Trainer:
         if changed and self.rank == 0:
             log.warning("the LR schedule differs from the checkpoint's (%s)%s", "; ".join(changed),
                         " - expected: the world size changed" if state["world_size"] != self.size else "")
-        saved = mx.nd.load(os.path.join(folder, "backbone.params"))
-        arg = {k[4:]: v for k, v in saved.items() if k.startswith("arg:")}
-        aux = {k[4:]: v for k, v in saved.items() if k.startswith("aux:")}
-        self.backbone.set_params(arg, aux)
-        with open(os.path.join(folder, "optimizer.states"), "rb") as f:
-            self.backbone.load_optimizer_states(f.read())
+        self.checkpoints.load_backbone(folder, self.backbone)
         self.method.load(folder)
         self.step = int(state["step"])
         if self.backbone.scaler is not None and state.get("loss_scale"):
@@ -295,24 +375,6 @@ class Trainer:
             log.info("resumed from %s (step %d, written by %d rank(s), now %d)", folder, self.step,
                      state["world_size"], self.size)
         return True
-
-
-class _PhaseClock:
-    """Adds wall time per phase to a dict after waiting for the phase's result; does nothing without a dict."""
-
-    def __init__(self, totals):
-        self.totals, self.last = totals, time.perf_counter()
-
-    def tick(self, phase, result):
-        if self.totals is None:
-            return
-        if result is None:
-            mx.nd.waitall()
-        else:
-            result.wait_to_read()
-        now = time.perf_counter()
-        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
-        self.last = now
 
 
 def _mix(*values):

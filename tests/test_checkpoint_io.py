@@ -1,125 +1,15 @@
-"""Atomic checkpoint I/O: a process killed (SIGKILL) or an exception raised in the middle of a save leaves the
-previous checkpoint whole and loadable; legacy checkpoints load with mx.model.load_checkpoint unchanged."""
+"""Atomic checkpoint folders: a process killed (SIGKILL) or an exception raised in the middle of a save leaves
+the previous checkpoint whole and loadable; legacy checkpoints load with mx.model.load_checkpoint unchanged.
+(Single-file atomic writes: tests/utils/test_fileio.py.)"""
 import os
-import random
-import signal
-import subprocess
-import sys
-import textwrap
+import zlib
 
 import mxnet as mx
 import numpy as np
 import pytest
 
 from recognition import checkpoint_io as cio
-from tests.harness import ROOT
-
-
-def spawn(code):
-    """A Python child running ``code`` from the repository root, its stdout a pipe."""
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def kill(proc):
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
-
-
-def no_temporaries(folder):
-    return [n for n in os.listdir(folder) if n.endswith(".tmp")] == []
-
-
-# ----------------------------------------------------------------------------------------------- files
-def test_atomic_writes_replace_and_leave_nothing_behind(tmp_path):
-    path = str(tmp_path / "sub" / "state.bin")
-    cio.atomic_write_bytes(path, b"first")
-    cio.atomic_write_bytes(path, b"second")
-    with open(path, "rb") as f:
-        assert f.read() == b"second"
-    umask = os.umask(0)
-    os.umask(umask)
-    assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask        # not mkstemp's private 0600
-    arrays = {"weight": np.arange(12, dtype=np.float32).reshape(3, 4), "labels": np.array([2 ** 40], np.int64)}
-    cio.atomic_save_numpy(str(tmp_path / "bank.state"), arrays)          # no ".npz" appended
-    with np.load(str(tmp_path / "bank.state")) as loaded:
-        assert sorted(loaded.files) == ["labels", "weight"]
-        for key, value in arrays.items():
-            np.testing.assert_array_equal(loaded[key], value)
-            assert loaded[key].dtype == value.dtype
-    cio.atomic_save_ndarrays(str(tmp_path / "x.params"), {"a": mx.nd.array([1.5, 2.5])})
-    np.testing.assert_array_equal(mx.nd.load(str(tmp_path / "x.params"))["a"].asnumpy(), [1.5, 2.5])
-    assert no_temporaries(str(tmp_path)) and no_temporaries(str(tmp_path / "sub"))
-
-
-class Unconvertible:
-    """np.savez fails on it after it has already written the arrays before it."""
-
-    def __array__(self, *args, **kwargs):
-        raise RuntimeError("disk full (simulated)")
-
-
-def test_exception_mid_write_keeps_the_previous_file(tmp_path):
-    path = str(tmp_path / "bank.npz")
-    cio.atomic_save_numpy(path, {"w": np.ones(4)})
-    with pytest.raises(RuntimeError, match="disk full"):
-        cio.atomic_save_numpy(path, {"w": np.zeros(1 << 20), "z": Unconvertible()})
-    with np.load(path) as loaded:
-        np.testing.assert_array_equal(loaded["w"], np.ones(4))
-    assert os.listdir(str(tmp_path)) == ["bank.npz"]
-
-
-def test_sigkill_after_the_data_is_written_before_the_rename(tmp_path):
-    """The child stops inside the save (the new data fully in its temporary file) and is killed there."""
-    path = str(tmp_path / "state.bin")
-    cio.atomic_write_bytes(path, b"old good state")
-    proc = spawn("""
-        import os, sys, time
-        from recognition import checkpoint_io
-        def stall(fd):
-            print("stalled", flush=True)
-            time.sleep(60)
-        os.fsync = stall
-        checkpoint_io.atomic_write_bytes(%r, b"n" * (16 << 20))
-    """ % path)
-    try:
-        assert proc.stdout.readline().strip() == "stalled", proc.stderr.read()
-        temporaries = [n for n in os.listdir(str(tmp_path)) if n.endswith(".tmp")]
-        assert len(temporaries) == 1
-        assert os.path.getsize(os.path.join(str(tmp_path), temporaries[0])) == 16 << 20
-    finally:
-        kill(proc)
-    with open(path, "rb") as f:
-        assert f.read() == b"old good state"
-
-
-def test_sigkill_at_a_random_moment_never_leaves_a_partial_file(tmp_path):
-    """The child rewrites a 24 MB file in a loop with two complete versions; killed at a random moment, the file
-    is one of them in full. (Writing in place instead of atomically leaves a torn file here.)"""
-    path = str(tmp_path / "big.bin")
-    size = 24 << 20
-    proc = spawn("""
-        from recognition import checkpoint_io
-        versions = [b"A" * %d, b"B" * %d]
-        i = 0
-        while True:
-            checkpoint_io.atomic_write_bytes(%r, versions[i %% 2])
-            if i == 0:
-                print("first", flush=True)
-            i += 1
-    """ % (size, size, path))
-    try:
-        assert proc.stdout.readline().strip() == "first", proc.stderr.read()
-        proc_wait = random.Random(os.getpid()).uniform(0.05, 0.4)
-        with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(timeout=proc_wait)
-    finally:
-        kill(proc)
-    with open(path, "rb") as f:
-        data = f.read()
-    assert len(data) == size and data in (b"A" * size, b"B" * size)
+from tests.utils.test_fileio import kill, no_temporaries, spawn
 
 
 # ------------------------------------------------------------------------------------- legacy MXNet
@@ -208,8 +98,16 @@ def test_atomic_dir_commits_and_replaces(tmp_path):
     with cio.atomic_dir(final) as tmp:
         assert tmp == final + ".tmp" and os.path.isdir(tmp)
         write_folder(tmp, "v1")
-    assert read_folder(final) == {"COMPLETE": "", "backbone.params": "v1 backbone.params",
-                                  "shard_0.npy": "v1 shard_0.npy"}
+    folder = read_folder(final)
+    assert folder.pop("COMPLETE") != "" and folder == {"backbone.params": "v1 backbone.params",
+                                                       "shard_0.npy": "v1 shard_0.npy"}
+    assert cio.read_manifest(final) == {name: [len(text), zlib.crc32(text.encode())] for name, text in folder.items()}
+    assert cio.verify_files(final, cio.read_manifest(final), sorted(folder)) == []
+    with open(os.path.join(final, "shard_0.npy"), "w") as f:
+        f.write("v1 shard_0.npX")                       # the same size, another content
+    assert cio.verify_files(final, cio.read_manifest(final), ["shard_0.npy"]) == [
+        "%s does not match its checksum (CRC-32 %08x, %08x when written)" % (
+            os.path.join(final, "shard_0.npy"), zlib.crc32(b"v1 shard_0.npX"), zlib.crc32(b"v1 shard_0.npy"))]
     with cio.atomic_dir(final) as tmp:
         write_folder(tmp, "v2")
     assert read_folder(final)["shard_0.npy"] == "v2 shard_0.npy"

@@ -6,7 +6,8 @@ import pytest
 from easydict import EasyDict as edict
 
 from recognition import config as config_module
-from recognition.config import LOSSES, NETWORKS, config_from_args, get_config, list_presets
+from recognition.config import NETWORKS, config_from_args, default_config, get_config, list_presets
+from recognition.partial_fc.method import LOSSES
 
 PRESETS = {"glint360k", "ms1mv2", "emore", "ms1mv3", "webface", "synthetic", "bench_1m", "bench_10m", "bench_100m",
            "glint360k_ffc", "synthetic_ffc"}
@@ -16,8 +17,11 @@ RECORD_PRESETS = sorted(p for p in PRESETS if not p.startswith("bench"))
 @pytest.fixture
 def data_root(tmp_path, monkeypatch):
     """$PFC_DATA_ROOT with every record preset's folder in it."""
+    from recognition.data.rec_format import write_property
     for name in RECORD_PRESETS:
-        (tmp_path / get_config(name).data_folder).mkdir(exist_ok=True)
+        folder = tmp_path / get_config(name).data_folder
+        folder.mkdir(exist_ok=True)
+        write_property(str(folder / "property"), get_config(name).num_classes or 1000, (112, 112))
     monkeypatch.setenv("PFC_DATA_ROOT", str(tmp_path))
     return tmp_path
 
@@ -37,8 +41,11 @@ def test_dataset_sizes(name, classes, images):
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_validates(name, data_root):
     cfg = config_from_args(["--dataset", name])
-    assert cfg.dataset == name and cfg.network in NETWORKS and cfg.loss in LOSSES
-    assert len(cfg.margins) == 3 and cfg.output.startswith("models")
+    assert cfg.dataset == name and cfg.network in NETWORKS and cfg.output.startswith("models")
+    if cfg.method == "pfc":     # the method's own keys are resolved by that method only
+        assert cfg.loss in LOSSES and len(cfg.margins) == 3
+    else:
+        assert cfg.queue_size >= 1 and cfg.output.endswith("_ffc_" + cfg.ffc_loss)
     if cfg.reader == "record":
         assert cfg.data_dir == str(data_root / cfg.data_folder)
 
@@ -52,8 +59,9 @@ def test_bench_presets():
 
 
 def test_base_defaults():
+    """configs/base.py's keys and the methods' own keys (TrainingMethod.config_defaults), merged."""
     cfg = get_config("bench_1m")
-    from recognition.configs.base import config as base
+    base = default_config()
     assert (base.network, base.embedding_size, base.loss, base.scale, base.sample_ratio) == ("r50", 512, "arcface",
                                                                                              64.0, 1.0)
     assert (base.batch_size, base.lr, base.lr_batch_reference, base.momentum, base.weight_decay) == (
@@ -95,7 +103,7 @@ def test_flags_override_the_preset(data_root):
         "step", (1.0, 2.0), 0.5, "gpu", True, "host")
     assert (cfg.interclass_filter, cfg.scale, cfg.embedding_size, cfg.dropout, cfg.seed) == (0.4, 30.0, 256, 0.1, 3)
     assert (cfg.frequent, cfg.verbose, cfg.checkpoint_every, cfg.val_targets, cfg.resume) == (
-        5, 0, 9, ["lfw", "cfp_fp"], True)
+        5, 0, 9, ("lfw", "cfp_fp"), True)
     assert cfg.output == "runs/glint360k_r18_cosface"
     # flags not given keep the preset's values
     assert (cfg.loss, cfg.margins, cfg.weight_decay, cfg.lr_batch_reference) == ("cosface", (1.0, 0.0, 0.4),
@@ -106,7 +114,7 @@ def test_absent_flags_keep_the_preset(data_root):
     cfg = config_from_args(["--dataset", "synthetic"])
     assert (cfg.network, cfg.sample_ratio, cfg.margins, cfg.scale, cfg.fp16, cfg.resume) == (
         "mbf", 0.5, (1.0, 0.3, 0.0), 32.0, False, False)
-    assert config_from_args(["--dataset", "synthetic", "--no-fp16", "--val-targets", ""]).val_targets == []
+    assert config_from_args(["--dataset", "synthetic", "--no-fp16", "--val-targets", ""]).val_targets == ()
 
 
 def test_loss_and_margins(data_root):
@@ -151,13 +159,18 @@ def test_data_dir_resolution(tmp_path, monkeypatch):
     monkeypatch.delenv("PFC_DATA_ROOT", raising=False)
     with pytest.raises(ValueError, match="--data-dir DIR or set PFC_DATA_ROOT"):
         config_from_args(["--dataset", "ms1mv3"])
+    from recognition.data.rec_format import write_property
     given = tmp_path / "mine"
     given.mkdir()
+    write_property(str(given / "property"), 93431, (112, 112))
     assert config_from_args(["--dataset", "ms1mv3", "--data-dir", str(given)]).data_dir == str(given)
     monkeypatch.setenv("PFC_DATA_ROOT", str(tmp_path))
     with pytest.raises(ValueError, match="ms1m-retinaface-t1 of dataset ms1mv3 does not exist"):
         config_from_args(["--dataset", "ms1mv3"])
     (tmp_path / "ms1m-retinaface-t1").mkdir()
+    with pytest.raises(ValueError, match="property file not found: .*ms1m-retinaface-t1"):
+        config_from_args(["--dataset", "ms1mv3"])
+    write_property(str(tmp_path / "ms1m-retinaface-t1" / "property"), 93431, (112, 112))
     assert config_from_args(["--dataset", "ms1mv3"]).data_dir == str(tmp_path / "ms1m-retinaface-t1")
     # --data-dir wins over the environment
     assert config_from_args(["--dataset", "ms1mv3", "--data-dir", str(given)]).data_dir == str(given)
@@ -239,3 +252,31 @@ def test_ffc_flags(data_root):
             config_from_args(["--dataset", "bench_1m", "--method", "ffc"] + flags)
     with pytest.raises(SystemExit):
         config_from_args(["--dataset", "bench_1m", "--method", "arcface"])
+
+
+def test_config_is_resolved_then_read_only(tmp_path):
+    """finalize() takes num_classes from the data's property file; the result cannot be written to."""
+    import copy
+    import pickle
+    from recognition.data.rec_format import write_property
+    write_property(str(tmp_path / "property"), 1234, (112, 112))
+    cfg = config_from_args(["--dataset", "ms1mv3", "--data-dir", str(tmp_path)])
+    assert cfg.num_classes == 1234 and cfg.bank_pipeline is True
+    for write in (lambda: setattr(cfg, "lr", 1.0), lambda: cfg.__setitem__("lr", 1.0), lambda: cfg.update(lr=1),
+                  lambda: cfg.pop("lr"), lambda: delattr(cfg, "lr")):
+        with pytest.raises(TypeError, match="read-only"):
+            write()
+    with pytest.raises(AttributeError):
+        cfg.not_a_key        # noqa: B018 - reading an undeclared key fails too
+    for copied in (copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg)), cfg.copy()):
+        assert dict(copied) == dict(cfg) and type(copied) is type(cfg)
+    thawed = cfg.thaw()
+    thawed.lr = 0.5
+    assert cfg.lr != 0.5
+
+
+def test_a_method_flag_with_another_method_is_refused(data_root):
+    with pytest.raises(ValueError, match="--sample-ratio belongs to --method pfc; this run trains with --method ffc"):
+        config_from_args(["--dataset", "glint360k_ffc", "--sample-ratio", "0.1"])
+    with pytest.raises(ValueError, match="--queue-size belongs to --method ffc"):
+        config_from_args(["--dataset", "glint360k", "--queue-size", "10"])

@@ -55,7 +55,7 @@ def golden_body(argv):
     """Train ``argv`` on this rank with the tiny backbone; return each step's loss and the final state."""
     import horovod.mxnet as hvd
     import symbols
-    from tests.test_train import tiny_symbol
+    from tests.conftest import tiny_symbol
     symbols.get_symbol = tiny_symbol
     from recognition.config import config_from_args
     from recognition.trainer import Trainer

@@ -47,14 +47,14 @@ def test_an_overflow_on_one_rank_is_seen_by_every_rank():
 def tiny_backbone(monkeypatch):
     """The tiny test backbone in place of symbols.get_symbol, restored afterwards (other tests need the real one)."""
     import symbols
-    from tests.test_train import tiny_symbol
+    from tests.conftest import tiny_symbol
     monkeypatch.setattr(symbols, "get_symbol", tiny_symbol)
 
 
 def _trainer(tmp_path, *flags):
     import horovod.mxnet as hvd
     hvd.init()
-    from tests.test_train import _argv
+    from tests.conftest import tiny_train_argv as _argv
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     return Trainer(config_from_args(_argv(tmp_path, "--max-steps", "3", *flags)))

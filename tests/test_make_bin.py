@@ -95,3 +95,18 @@ def test_script_runs_from_the_repository_root(tmp_path):
     helped = subprocess.run([sys.executable, "tools/make_bin.py", "--help"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
     assert "relative to the folder of" in helped.stdout and "path_a path_b 1|0" in helped.stdout
+
+
+def test_output_and_options_are_checked_before_the_images(tmp_path, capsys):
+    (tmp_path / "pairs.txt").write_text("missing.jpg missing.jpg 1\n")      # would fail only once images are read
+    (tmp_path / "file").write_text("")
+    for out, message in ((tmp_path / "file" / "x.bin", "OUT.bin %s: %s is a file" % (tmp_path / "file" / "x.bin",
+                                                                                     tmp_path / "file")),
+                         (tmp_path, "OUT.bin %s is a folder" % tmp_path)):
+        assert make_bin.main([str(tmp_path / "pairs.txt"), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert "make_bin: error: " + message in err and "Traceback" not in err, err
+    for argv in (["--quality", "0"], ["--quality", "101"], ["--image-size", "64,x"]):
+        with pytest.raises(SystemExit):
+            make_bin.main([str(tmp_path / "pairs.txt"), str(tmp_path / "x.bin")] + argv)
+        assert "error: argument " + argv[0] in capsys.readouterr().err

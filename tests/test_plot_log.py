@@ -63,19 +63,24 @@ def test_main_writes_a_png(tmp_path, capsys):
 
 def test_errors_for_missing_or_empty_logs(tmp_path, capsys):
     missing = str(tmp_path / "nope.jsonl")
-    assert plot_log.main([missing, str(tmp_path / "x.png")]) == 2
+    assert plot_log.main([missing, str(tmp_path / "x.png")]) == 1
     assert "no such log file: %s" % missing in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert plot_log.main([str(empty), str(tmp_path / "x.png")]) == 2
+    assert plot_log.main([str(empty), str(tmp_path / "x.png")]) == 1
     assert "holds no training records" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    (tmp_path / "file").write_text("")
+    assert plot_log.main([missing, str(tmp_path / "file" / "x.png")]) == 1       # the output is checked first
+    err = capsys.readouterr().err
+    assert "plot_log: error: OUT %s: %s is a file" % (tmp_path / "file" / "x.png", tmp_path / "file") in err
+    assert "Traceback" not in err
 
 
 def test_command_line_from_the_repository_root(tmp_path):
     proc = subprocess.run([sys.executable, "tools/plot_log.py", str(tmp_path / "nope.jsonl"), "out.png"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
+    assert proc.returncode == 1
     assert proc.stderr.startswith("plot_log: error: no such log file")
 
 
@@ -89,7 +94,7 @@ def test_compare_draws_several_runs_against_wall_time(tmp_path, capsys):
     assert plot_log.main(["--compare", "pfc=" + first, "ffc=" + second, out]) == 0
     assert matplotlib.image.imread(out).shape[:2] == (640, 800)
     assert "2 runs" in capsys.readouterr().out
-    assert plot_log.main(["--compare", first, out]) == 2                      # no LABEL=
+    assert plot_log.main(["--compare", first, out]) == 1                      # no LABEL=
     assert "LABEL=LOG" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         plot_log.main([first, second, out])                                  # three paths without --compare

@@ -1,8 +1,6 @@
 """The training loop: exact resume, resume on another world size, checkpoints, legacy export, signals, errors.
 
-The backbone here is a tiny conv net (``tiny_symbol``) patched in for ``symbols.get_symbol``: the loop's
-behaviour does not depend on the backbone, and the real ones cost seconds per step on this CPU. The demo
-(``make demo``) trains the real MobileFaceNet end to end.
+The backbone here is the tiny conv net of tests/conftest.py (``tiny_backbone`` / ``patch_backbone``).
 """
 import json
 import os
@@ -14,56 +12,20 @@ import time
 import numpy as np
 import pytest
 
-import symbols
+from tests.conftest import patch_backbone, tiny_train_argv
 from tests.harness import ROOT, horovodrun_path, run_ranks
-
-REAL_GET_SYMBOL = symbols.get_symbol    # the real backbones, for tests that need them after a leaked patch
-
-COMMON = ["--dataset", "bench_1m", "--num-classes", "203", "--embedding-size", "16", "--batch-size", "4",
-          "--lr", "0.2", "--num-epochs", "2", "--frequent", "1", "--verbose", "0", "--checkpoint-every", "3"]
-
-
-def tiny_symbol(name, embedding_size=512, fp16=False, dropout=0.0, **unused):
-    """A two-conv stand-in backbone with the real ones' interface (raw RGB in, fc1 out, dropout)."""
-    import mxnet as mx
-    x = (mx.sym.Variable("data") - 127.5) * 0.0078125
-    x = mx.sym.Convolution(x, num_filter=8, kernel=(4, 4), stride=(4, 4), no_bias=True, name="conv1")
-    x = mx.sym.relu(mx.sym.BatchNorm(x, name="bn1"))
-    x = mx.sym.Convolution(x, num_filter=8, kernel=(4, 4), stride=(4, 4), no_bias=True, name="conv2")
-    if dropout > 0:
-        x = mx.sym.Dropout(x, p=dropout)
-    x = mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=embedding_size, name="pre_fc1")
-    return mx.sym.BatchNorm(x, fix_gamma=True, name="fc1")
-
-
-def _patch_backbone():
-    """For a rank process of its own; a test in the pytest process uses the ``tiny_backbone`` fixture instead,
-    so that later tests get the real symbols back."""
-    symbols.get_symbol = tiny_symbol
-
-
-@pytest.fixture
-def tiny_backbone(monkeypatch):
-    monkeypatch.setattr(symbols, "get_symbol", tiny_symbol)
-
-
-@pytest.fixture
-def real_backbones(monkeypatch):
-    """``symbols.get_symbol`` as shipped, even when a test before this one patched it without monkeypatch."""
-    monkeypatch.setattr(symbols, "get_symbol", REAL_GET_SYMBOL)
 
 
 def train_body(argv, resume_probe=False):
     """Train with ``argv``; return what the checks compare (params, centres of this rank, last loss, step)."""
     import horovod.mxnet as hvd
-    _patch_backbone()
+    patch_backbone()
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     trainer = Trainer(config_from_args(argv))
     probe = None
     if resume_probe:   # centres right after loading, before any new step
         trainer.resume()
-        trainer.cfg.resume = False
         probe = (trainer.method.head.pfc.class_start, trainer.method.head.pfc.weight.copy(), trainer.step)
     loss = trainer.fit()
     arg, aux = trainer.module.get_params()
@@ -73,18 +35,14 @@ def train_body(argv, resume_probe=False):
             "weight": pfc.weight.copy(), "momentum": pfc.weight_mom.copy(), "probe": probe}
 
 
-def _argv(out, *extra):
-    return COMMON + ["--output", str(out)] + list(extra)
-
-
 @pytest.mark.parametrize("ratio", ["1.0", "0.1"])
 def test_k_steps_plus_resume_plus_k_steps_equals_2k_steps(tmp_path, ratio):
     straight = run_ranks(train_body, np=2, timeout=240,
-                         kwargs={"argv": _argv(tmp_path / "a", "--sample-ratio", ratio, "--max-steps", "6")})
+                         kwargs={"argv": tiny_train_argv(tmp_path / "a", "--sample-ratio", ratio, "--max-steps", "6")})
     first = run_ranks(train_body, np=2, timeout=240,
-                      kwargs={"argv": _argv(tmp_path / "b", "--sample-ratio", ratio, "--max-steps", "3")})
+                      kwargs={"argv": tiny_train_argv(tmp_path / "b", "--sample-ratio", ratio, "--max-steps", "3")})
     resumed = run_ranks(train_body, np=2, timeout=240,
-                        kwargs={"argv": _argv(tmp_path / "b", "--sample-ratio", ratio, "--max-steps", "6",
+                        kwargs={"argv": tiny_train_argv(tmp_path / "b", "--sample-ratio", ratio, "--max-steps", "6",
                                               "--resume")})
     assert first[0]["step"] == 3 and resumed[0]["step"] == 6 == straight[0]["step"]
     assert first[0]["loss"] != straight[0]["loss"]
@@ -108,9 +66,9 @@ def _centres(results, key="weight"):
 def test_resume_on_a_different_world_size_keeps_every_class(tmp_path, saved_on, resumed_on):
     out = tmp_path / "run"
     before = run_ranks(train_body, np=saved_on, timeout=240,
-                       kwargs={"argv": _argv(out, "--sample-ratio", "0.3", "--max-steps", "3")})
+                       kwargs={"argv": tiny_train_argv(out, "--sample-ratio", "0.3", "--max-steps", "3")})
     after = run_ranks(train_body, np=resumed_on, timeout=240,
-                      kwargs={"argv": _argv(out, "--sample-ratio", "0.3", "--max-steps", "5", "--resume"),
+                      kwargs={"argv": tiny_train_argv(out, "--sample-ratio", "0.3", "--max-steps", "5", "--resume"),
                               "resume_probe": True})
     saved = _centres(before)
     assert saved.shape == (203, 16)
@@ -128,7 +86,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, tin
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     out = tmp_path / "run"
-    trainer = Trainer(config_from_args(_argv(out, "--max-steps", "3")))
+    trainer = Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "3")))
     trainer.fit()
     good = checkpoint_io.latest_complete(os.path.join(str(out), "checkpoints"), "step_*")
     assert good.endswith("step_000000003")
@@ -143,7 +101,7 @@ def test_crash_during_save_leaves_the_previous_checkpoint_loadable(tmp_path, tin
     with pytest.raises(KeyboardInterrupt):
         trainer.save_checkpoint()
     assert checkpoint_io.latest_complete(os.path.join(str(out), "checkpoints"), "step_*") == good
-    fresh = Trainer(config_from_args(_argv(out, "--max-steps", "3", "--resume")))
+    fresh = Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "3", "--resume")))
     assert fresh.resume() and fresh.step == 3
 
 
@@ -154,7 +112,7 @@ def test_legacy_export_gives_the_trainers_embeddings(tmp_path, tiny_backbone):
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     out = tmp_path / "run"
-    trainer = Trainer(config_from_args(_argv(out, "--max-steps", "3")))
+    trainer = Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "3")))
     trainer.fit()
     images = np.random.default_rng(0).uniform(0, 255, (4, 3, 112, 112)).astype(np.float32)
     trainer.module.forward(mx.io.DataBatch([mx.nd.array(images)]), is_train=False)
@@ -176,9 +134,9 @@ def test_padding_rows_are_left_out_of_the_loss(tmp_path, tiny_backbone):
     hvd.init()
     from recognition.config import config_from_args
     from recognition.data.record_reader import Batch
-    from recognition.partial_fc import IGNORE_LABEL
+    from recognition.partial_fc.operator import IGNORE_LABEL
     from recognition.trainer import Trainer
-    trainer = Trainer(config_from_args(_argv(tmp_path / "run", "--max-steps", "3")))
+    trainer = Trainer(config_from_args(tiny_train_argv(tmp_path / "run", "--max-steps", "3")))
     seen = []
     real_forward_backward = trainer.method.head.forward_backward
 
@@ -234,15 +192,16 @@ def test_only_the_newest_exports_are_kept(tmp_path, tiny_backbone):
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     out = tmp_path / "run"
-    os.makedirs(str(out))
+    trainer = Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "5", "--checkpoint-every", "1",
+                                                       "--keep-exports", "2")))
     for name in ("best-0000.params", "model-0001.params.tmp", "notes-0001.params"):   # not exports of this run
         (out / name).write_bytes(b"x")
-    Trainer(config_from_args(_argv(out, "--max-steps", "5", "--checkpoint-every", "1", "--keep-exports", "2"))).fit()
+    trainer.fit()
     assert sorted(os.listdir(str(out))) == ["best-0000.params", "checkpoints", "model-0001.params.tmp",
                                             "model-0004.params", "model-0005.params", "model-symbol.json",
                                             "notes-0001.params", "train_log.jsonl"]
     every = tmp_path / "every"
-    Trainer(config_from_args(_argv(every, "--max-steps", "4", "--checkpoint-every", "1", "--keep-exports",
+    Trainer(config_from_args(tiny_train_argv(every, "--max-steps", "4", "--checkpoint-every", "1", "--keep-exports",
                                    "0"))).fit()
     assert sorted(f for f in os.listdir(str(every)) if f.endswith(".params")) == [
         "model-%04d.params" % i for i in range(1, 5)]
@@ -270,7 +229,7 @@ def test_auto_trains_on_this_cpu_machine_and_says_so(tmp_path, tiny_backbone, ca
     from recognition.trainer import Trainer
     assert mx.context.num_gpus() == 0           # the test machine: the GPU path itself cannot run here
     caplog.set_level("INFO", logger="recognition.train")
-    cfg = config_from_args(_argv(tmp_path / "run", "--max-steps", "1"))
+    cfg = config_from_args(tiny_train_argv(tmp_path / "run", "--max-steps", "1"))
     assert cfg.ctx == "auto"
     trainer = Trainer(cfg)
     assert trainer.ctx == mx.cpu() and trainer.backbone.ctx == mx.cpu()
@@ -288,7 +247,7 @@ def _launch(argv, out):
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     out = tmp_path / "run"
     os.makedirs(str(out))
-    proc = _launch(_argv(out, "--max-steps", "100000", "--checkpoint-every", "100000"), out)
+    proc = _launch(tiny_train_argv(out, "--max-steps", "100000", "--checkpoint-every", "100000"), out)
     try:
         log_path = os.path.join(str(out), "train_log.jsonl")
         deadline = time.time() + 120

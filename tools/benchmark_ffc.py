@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mxnet as mx  # noqa: E402
 import horovod.mxnet as hvd  # noqa: E402
 
-from recognition.ffc import DynamicClassQueue  # noqa: E402
-from recognition.partial_fc import PartialFC  # noqa: E402
+from recognition.ffc.class_queue import DynamicClassQueue  # noqa: E402
+from recognition.partial_fc.operator import PartialFC  # noqa: E402
 from tools.benchmark_pfc import anon_rss_mb  # noqa: E402
 
 

@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mxnet as mx  # noqa: E402
 import horovod.mxnet as hvd  # noqa: E402
 
-from recognition.blas_check import blas_cores, cpu_model, warn_if_generic_blas  # noqa: E402
+from utils.blas_check import blas_cores, cpu_model, warn_if_generic_blas  # noqa: E402
 from recognition.dist import barrier  # noqa: E402
-from recognition.partial_fc import PartialFC  # noqa: E402
+from recognition.partial_fc.operator import PartialFC  # noqa: E402
 
 
 def parse_args(argv=None):

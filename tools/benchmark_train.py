@@ -76,9 +76,8 @@ def build_trainer(args, classes, ratio, bank):
             "--ctx", args.ctx, "--act-type", args.act_type, "--output", os.path.join("models", "bench_train")]
     if bank == "disk" and args.disk_dir:
         argv += ["--bank-dir", args.disk_dir]
-    cfg = config_from_args(argv)
-    cfg.bank_pipeline = not args.sequential_bank
-    trainer = Trainer(cfg)
+    argv += ["--no-bank-pipeline"] if args.sequential_bank else []
+    trainer = Trainer(config_from_args(argv))
     # the start-up broadcasts run asynchronously; the next trainer's carry the same tensor names
     import mxnet as mx
     mx.nd.waitall()
@@ -115,7 +114,7 @@ def main(argv=None):
     import horovod.mxnet as hvd
     hvd.init()
     rank, world = hvd.rank(), hvd.size()
-    from recognition.blas_check import blas_cores, cpu_model, warn_if_generic_blas
+    from utils.blas_check import blas_cores, cpu_model, warn_if_generic_blas
     if rank == 0:
         warn_if_generic_blas()
     runs = [build_trainer(args, *setting) for setting in settings]

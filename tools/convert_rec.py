@@ -13,6 +13,8 @@ integer class id, and that its image decodes (in parallel processes) at the size
 --image-size). Damaged records are skipped, counted and named in the log; records without a payload (the header
 and identity records) are left out. A class id >= the class count of an existing ``property`` is an error that
 names the record. --shuffle writes the images in a random order (seeded), for fast sequential reading.
+The outputs are written under temporary names and replace older files only when the conversion succeeds; a
+source without one usable image is an error (exit status 1) and leaves the folder as it was.
 """
 import argparse
 import array
@@ -26,7 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from recognition.data import identity_index, rec_format  # noqa: E402
-from tools.pack_rec import ordered_map, parse_size  # noqa: E402
+from tools.pack_rec import ordered_map  # noqa: E402
+from utils import cli  # noqa: E402
 
 log = logging.getLogger("convert_rec")
 _LOGGED_SKIPS = 20
@@ -51,6 +54,7 @@ def read_source(rec_path, keys, offsets, stats):
 
 def skip(stats, key, reason):
     stats["damaged"] += 1
+    stats.setdefault("first_skip", "record %d: %s" % (key, reason))
     if stats["damaged"] <= _LOGGED_SKIPS:
         log.warning("skipped record %d: %s", key, reason)
 
@@ -110,6 +114,11 @@ def convert(src_prefix, dst_prefix=None, shuffle=False, seed=0, workers=None, im
             total = writer.num_images + stats["damaged"] + stats["non_image"]
             bar.update(total - seen)
             seen = total
+        if not writer.num_images:           # raised inside the writer: nothing replaces an older output
+            raise ValueError("%s holds no usable image record (%d record(s) in its index: %d damaged%s, %d without "
+                             "an image); nothing written" % (
+                                 rec_path, len(keys), stats["damaged"],
+                                 ", first " + stats["first_skip"] if stats["damaged"] else "", stats["non_image"]))
         writer.num_classes = max(num_classes or 0, writer.max_class + 1)
     identity_index.write_for_new_file(rec_format.iter_prefix(dst_prefix) + ".rec", class_ids)
     if header is not None and header[0] != writer.num_images + stats["damaged"]:
@@ -120,6 +129,7 @@ def convert(src_prefix, dst_prefix=None, shuffle=False, seed=0, workers=None, im
     log.info("wrote %d images of %d classes to %s_iter.rec/.idx (%s); skipped %d damaged record(s) and %d "
              "header/identity record(s)", writer.num_images, writer.num_classes, dst_prefix,
              "shuffled" if shuffle else "in key order", stats["damaged"], stats["non_image"])
+    stats.pop("first_skip", None)
     return {"num_images": writer.num_images, "num_classes": writer.num_classes, **stats}
 
 
@@ -140,23 +150,22 @@ def _insightface_header(rec_path, keys, offsets):
 
 
 def main(argv=None):
+    """Run the CLI; returns the exit status (0, or 1 after a one-line error naming the file or value)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src_prefix", help="InsightFace files SRC_PREFIX.rec / SRC_PREFIX.idx")
     p.add_argument("dst_prefix", nargs="?", help="output prefix (default SRC_PREFIX): writes DST_PREFIX_iter.*")
     p.add_argument("--shuffle", action="store_true", help="write the images in a random order")
     p.add_argument("--seed", type=int, default=0, help="seed of --shuffle")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="image-checking processes")
-    p.add_argument("--image-size", default=None,
+    p.add_argument("--workers", type=cli.int_at_least(1), default=os.cpu_count(), help="image-checking processes")
+    p.add_argument("--image-size", type=cli.image_size, default=None,
                    help="height,width every image must have (default: from property, else 112,112)")
     args = p.parse_args(argv)
-    size = None
-    if args.image_size:
-        size = parse_size(args.image_size)
-        if size is None:
-            p.error("--image-size must be HEIGHT,WIDTH, got %r" % args.image_size)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    convert(args.src_prefix, args.dst_prefix, args.shuffle, args.seed, args.workers, size)
+
+    def body():
+        convert(args.src_prefix, args.dst_prefix, args.shuffle, args.seed, args.workers, args.image_size)
+    return cli.run(body, "convert_rec")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

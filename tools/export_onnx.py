@@ -11,8 +11,13 @@ Runtime but is wrong or fails there, so ``repair`` rewrites it:
     graph inputs      every parameter is also listed as a graph input (overridable, so never constant-folded):
                       parameters are initialisers only, 'data' is the one input
     output name       the exporter strips '_output': the embedding is named fc1_output again, shape (batch, D)
+    FC flatten        the exporter reads a FullyConnected without a flatten attribute as flatten=False (MXNet's
+                      default is True): written out before the export (``explicit_flatten``)
     opset             the translations target opsets 12-13, the model is stamped with the installed onnx's newest
                       (22 for onnx 1.17, where some ops read their arguments differently): stamped 13
+    input scaling     insightface.model_zoo (ArcFaceONNX) feeds raw pixels only to a graph with a node named
+                      Sub*/_minus* and one named Mul*/_mul* among its first 8, else (x - 127.5) / 127.5, which
+                      this graph would normalise again: ``name_input_normalisation`` makes that hold on purpose
 Parameters are written as raw bytes by ``raw_initializers`` (the exporter converts every value to a Python
 float: a minute and several GB for r200). The result passes ``onnx.checker`` (full check) and is compared with
 MXNet on the same random faces, batch 1 and 8 of the one dynamic model (or the fixed batch): every row must
@@ -33,7 +38,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 OUTPUT_NAME = "fc1_output"
 INPUT_NAME = "data"
@@ -51,14 +57,9 @@ def log(message):
 # ----------------------------------------------------------------------------------------- checkpoint
 def load_checkpoint(spec):
     """(embedding symbol, arg_params, aux_params) of the legacy checkpoint 'PREFIX,EPOCH'; errors name the file."""
-    import mxnet as mx
-    prefix, _, epoch = str(spec).rpartition(",")
-    if not prefix or not epoch.strip().isdigit():
-        raise ValueError("--model must be PREFIX,EPOCH (files PREFIX-symbol.json, PREFIX-%%04d.params), got %r" % spec)
-    for path in ("%s-symbol.json" % prefix, "%s-%04d.params" % (prefix, int(epoch))):
-        if not os.path.isfile(path):
-            raise FileNotFoundError("model file not found: %s (from %s)" % (path, spec))
-    symbol, arg_params, aux_params = mx.model.load_checkpoint(prefix, int(epoch))
+    from eval import embedding
+    prefix, _ = embedding.parse_model_spec(spec)
+    symbol, arg_params, aux_params = embedding.load_checkpoint(spec)     # damaged files: errors name them
     internals = symbol.get_internals()
     if OUTPUT_NAME in internals.list_outputs():
         symbol = internals[OUTPUT_NAME]           # a training graph with a loss on top: cut at the embedding
@@ -189,6 +190,66 @@ def repair(model, symbol, batch_size, image_size):
     return model
 
 
+# insightface.model_zoo.ArcFaceONNX: a graph normalises its own input when, among its first 8 nodes, one's name
+# starts with Sub or _minus and one's with Mul or _mul
+INSIGHTFACE_NODES, INSIGHTFACE_SUB, INSIGHTFACE_MUL = 8, ("Sub", "_minus"), ("Mul", "_mul")
+
+
+def name_input_normalisation(model):
+    """Make InsightFace's detection of in-graph input normalisation (``INSIGHTFACE_*``) true exactly when the graph
+    normalises its input: the Sub -> Mul by constants that the input (through Identity nodes) meets first are moved
+    to the front of the node list (with the Constant nodes they read) and named _minus* / _mul* if they are not;
+    any other node among the first 8 named like them is renamed. In place; returns ``model``."""
+    graph = model.graph
+    nodes = list(graph.node)
+    producers = {output: node for node in nodes for output in node.output}
+    constants = {tensor.name for tensor in graph.initializer}
+
+    def constant(name):
+        return name in constants or (name in producers and producers[name].op_type == "Constant")
+    chain, tensor = [], INPUT_NAME
+    for op_type in ("Sub", "Mul"):
+        users = [node for node in nodes if tensor in node.input]
+        while len(users) == 1 and users[0].op_type == "Identity" and op_type == "Sub":
+            chain.append(users[0])
+            tensor = users[0].output[0]
+            users = [node for node in nodes if tensor in node.input]
+        found = [node for node in users if node.op_type == op_type and list(node.input).count(tensor) == 1
+                 and all(constant(name) for name in node.input if name != tensor)]
+        if len(found) != 1:
+            chain = []
+            break
+        chain += [producers[name] for name in found[0].input if name in producers and name != tensor]
+        chain.append(found[0])
+        tensor = found[0].output[0]
+    for node, prefixes in zip([n for n in chain if n.op_type in ("Sub", "Mul")], (INSIGHTFACE_SUB, INSIGHTFACE_MUL)):
+        if not node.name.startswith(prefixes):
+            node.name = "%s_input_%s" % (prefixes[-1], node.name or "scaling")
+    ordered = chain + [node for node in nodes if all(node is not c for c in chain)]
+    for node in ordered[:INSIGHTFACE_NODES] if not chain else ():
+        if node.name.startswith(INSIGHTFACE_SUB + INSIGHTFACE_MUL):      # would pass for normalisation
+            node.name = "node_" + node.name
+    copies = []
+    for node in ordered:            # copied out before the repeated field is cleared
+        copies.append(type(node)())
+        copies[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return model
+
+
+def explicit_flatten(symbol):
+    """``symbol`` with MXNet's default ``flatten=True`` written on every FullyConnected that leaves it out: MXNet
+    1.9.1's exporter reads a missing one as False and mistranslates an FC on a 4-D map (InsightFace's fresnet 'E'
+    and fmobilefacenet 'GDC' heads)."""
+    import mxnet as mx
+    graph = json.loads(symbol.tojson())
+    for node in graph["nodes"]:
+        if node["op"] == "FullyConnected":
+            node.setdefault("attrs", {}).setdefault("flatten", "True")
+    return mx.sym.load_json(json.dumps(graph))
+
+
 def export(symbol, arg_params, aux_params, batch_size=None, image_size=(112, 112)):
     """The repaired ``onnx.ModelProto`` of the embedding ``symbol`` with its parameters; input 'data' raw RGB
     0..255 NCHW float32, ``batch_size`` rows (None: dynamic), output fc1_output."""
@@ -196,6 +257,7 @@ def export(symbol, arg_params, aux_params, batch_size=None, image_size=(112, 112
     import onnx
     if OUTPUT_NAME in symbol.get_internals().list_outputs() and symbol.list_outputs() != [OUTPUT_NAME]:
         symbol = symbol.get_internals()[OUTPUT_NAME]
+    symbol = explicit_flatten(symbol)
     names = set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())
     params = {k: v for k, v in list(arg_params.items()) + list(aux_params.items()) if k in names}
     missing = sorted(names - set(params) - {INPUT_NAME})
@@ -209,7 +271,7 @@ def export(symbol, arg_params, aux_params, batch_size=None, image_size=(112, 112
             mx.onnx.export_model(symbol, params, [shape], np.float32, path, dynamic=batch_size is None,
                                  dynamic_input_shapes=[(None,) + shape[1:]] if batch_size is None else None)
         model = onnx.load(path)
-    return repair(model, symbol, batch_size, image_size)
+    return name_input_normalisation(repair(model, symbol, batch_size, image_size))
 
 
 def simplify(model):
@@ -230,7 +292,7 @@ def simplify(model):
     standard = [opset for opset in simplified.opset_import if opset.domain in ("", "ai.onnx")]
     del simplified.opset_import[:]
     simplified.opset_import.extend(standard)
-    return simplified
+    return name_input_normalisation(simplified)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -404,6 +466,17 @@ def parse_batch_size(text):
     return int(text)
 
 
+def batch_list(text):
+    """'1,8' -> (1, 8): batch sizes >= 1."""
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError("expected comma-separated batch sizes >= 1, got %r" % text)
+    return batches
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Export a legacy MXNet checkpoint (PREFIX-symbol.json + "
                                                  "PREFIX-%%04d.params) to ONNX, checked in ONNX Runtime against "
@@ -418,11 +491,12 @@ def parse_args(argv=None):
                         help="input batch fixed at N, or 'dynamic' (default)")
     parser.add_argument("--simplify", action="store_true",
                         help="also apply ONNX Runtime's basic offline optimisation (constant folding, BN folding)")
-    parser.add_argument("--image-size", default="112,112", help="H,W of the faces (default %(default)s)")
+    parser.add_argument("--image-size", type=cli.image_size, default=(112, 112),
+                        help="H,W of the faces (default 112,112)")
     parser.add_argument("--act-types", default="prelu,prelu_conv", help="with --check-backbones (default %(default)s)")
-    parser.add_argument("--batches", default="1,8", help="with --check-backbones: batch sizes compared "
-                                                         "(default %(default)s)")
-    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: its default)")
+    parser.add_argument("--batches", type=batch_list, default=CHECK_BATCHES,
+                        help="with --check-backbones: batch sizes compared (default 1,8)")
+    parser.add_argument("--threads", type=cli.int_at_least(0), default=0, help="ONNX Runtime threads (0: its default)")
     args = parser.parse_args(argv)
     if args.model and not args.output:
         parser.error("--model needs --output")
@@ -445,15 +519,14 @@ def main(argv=None):
     import mxnet as mx
     import onnx
     try:
-        image_size = tuple(int(v) for v in args.image_size.split(","))
-        if len(image_size) != 2:
-            raise ValueError("--image-size must be H,W, got %r" % args.image_size)
+        image_size = args.image_size
         if args.check_backbones:
             rows = check_backbones([n.strip() for n in args.check_backbones.split(",") if n.strip()],
                                    [a.strip() for a in args.act_types.split(",") if a.strip()],
-                                   tuple(int(b) for b in args.batches.split(",")), image_size, args.threads)
+                                   args.batches, image_size, args.threads)
             print(_markdown_table(rows))
             return 0
+        cli.check_output_file(args.output, "--output")        # before the long export
         begin = time.time()
         symbol, arg_params, aux_params = load_checkpoint(args.model)
         log("loaded %s in %.1f s" % (args.model, time.time() - begin))

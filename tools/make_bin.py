@@ -16,6 +16,7 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.verification import write_bin  # noqa: E402
+from utils import cli  # noqa: E402
 
 PAIRS_HELP = """PAIRS_FILE holds one pair a line: `path_a path_b 1|0` (1: same identity, 0: different), fields
 separated by whitespace (so paths cannot contain spaces). Relative paths are relative to the folder of
@@ -86,37 +87,25 @@ def make_bin(pairs_file, out_path, image_size=(112, 112), quality=95, progress=T
     return len(pairs)
 
 
-def parse_image_size(text):
-    """'112' or '112,112' -> (H, W)."""
-    try:
-        size = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        size = ()
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) < 1:
-        raise argparse.ArgumentTypeError("expected H,W or one size, got %r" % text)
-    return size
-
-
 def main(argv=None):
+    """Run the CLI; returns the exit status (0, or 1 after a one-line error naming the file, line or value)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=PAIRS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pairs_file", metavar="PAIRS_FILE", help="list of image pairs (format below)")
     parser.add_argument("out", metavar="OUT.bin", help="the .bin to write")
-    parser.add_argument("--image-size", type=parse_image_size, default=(112, 112),
+    parser.add_argument("--image-size", type=cli.image_size, default=(112, 112),
                         help="H,W (or one size) every image must have (default 112,112)")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
+    parser.add_argument("--quality", type=cli.int_at_least(1), default=95,
+                        help="JPEG quality for re-encoded images, 1-100 (default 95)")
     args = parser.parse_args(argv)
-    if not 1 <= args.quality <= 100:
-        parser.error("--quality must be in 1..100, got %d" % args.quality)
-    try:
+    if args.quality > 100:
+        parser.error("argument --quality: must be <= 100, got %d" % args.quality)
+
+    def body():
+        cli.check_output_file(args.out, "OUT.bin")              # before every image is read and checked
         count = make_bin(args.pairs_file, args.out, args.image_size, args.quality)
-    except (OSError, ValueError) as error:
-        print("error: %s" % error, file=sys.stderr)
-        return 1
-    print("wrote %s: %d pairs" % (args.out, count))
-    return 0
+        print("wrote %s: %d pairs" % (args.out, count))
+    return cli.run(body, "make_bin")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from recognition.checkpoint_io import atomic_write_bytes  # noqa: E402
 from recognition.progress import current_history, read_log  # noqa: E402
+from utils import cli  # noqa: E402
+from utils.fileio import atomic_write_bytes  # noqa: E402
 
 
 def load_series(path):
@@ -113,6 +114,7 @@ def plot_compare(runs, out_path, title=None):
 
 
 def main(argv=None):
+    """Run the CLI; returns the exit status (0, or 1 after a one-line error naming the file or value)."""
     parser = argparse.ArgumentParser(description="Plot loss / lr / verification accuracy of a training log.")
     parser.add_argument("paths", nargs="+", metavar="LOG OUT",
                         help="train_log.jsonl written by recognition/train.py and the PNG to write; with --compare: "
@@ -122,8 +124,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if len(args.paths) < 2 or (not args.compare and len(args.paths) != 2):
         parser.error("give LOG OUT, or --compare LABEL=LOG [LABEL=LOG ...] OUT")
-    args.out = args.paths[-1]
-    try:
+    out = args.paths[-1]
+
+    def body():
+        cli.check_output_file(out, "OUT")
         if args.compare:
             runs = {}
             for item in args.paths[:-1]:
@@ -131,17 +135,14 @@ def main(argv=None):
                 if not sep or not label:
                     raise ValueError("--compare takes LABEL=LOG, got %r" % item)
                 runs[label] = load_series(path)
-            plot_compare(runs, args.out, title=args.title)
-            print("plot_log: %d runs -> %s" % (len(runs), args.out))
-            return 0
+            plot_compare(runs, out, title=args.title)
+            print("plot_log: %d runs -> %s" % (len(runs), out))
+            return
         series = load_series(args.paths[0])
-    except (OSError, ValueError) as err:
-        sys.stderr.write("plot_log: error: %s\n" % err)
-        return 2
-    plot(series, args.out, title=args.title)
-    print("plot_log: %d training points, %d verification set(s) -> %s"
-          % (len(series["step"]), len(series["eval"]), args.out))
-    return 0
+        plot(series, out, title=args.title)
+        print("plot_log: %d training points, %d verification set(s) -> %s"
+              % (len(series["step"]), len(series["eval"]), out))
+    return cli.run(body, "plot_log")
 
 
 if __name__ == "__main__":

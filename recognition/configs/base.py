@@ -1,5 +1,7 @@
-"""Every configuration key with its default. A preset overrides what differs; command-line flags override both
-(``recognition.config.get_config`` / ``config_from_args``). A preset may only set keys defined here."""
+"""The configuration keys every run has, with their defaults; each training method adds its own
+(``TrainingMethod.config_defaults``). A preset overrides what differs; command-line flags override both
+(``recognition.config.get_config`` / ``config_from_args``). A preset may only set keys defined here or by a
+registered method."""
 from easydict import EasyDict as edict
 
 config = edict()
@@ -11,31 +13,21 @@ config.pretrained = None            # "PREFIX,EPOCH": the backbone starts from t
 config.pretrained_partial = False   # load what fits of `pretrained` and warn about the rest (else: an error)
 config.pretrained_head = None       # a checkpoint folder of this project (checkpoints/step_*) the head starts from
 config.act_type = "prelu"           # prelu | prelu_conv (same parameters, faster on CPU) | relu
+config.bn_eps = 2e-5                # backbone BatchNorm eps, as InsightFace's MXNet fresnet (arcface_torch: 1e-5)
 config.fp16 = False                 # float16 trunk (GPU); the head and master weights stay float32
 config.loss_scale = "auto"          # auto (dynamic when fp16) | dynamic | none: float16 gradient loss scaling
 # --- training method
 config.method = "pfc"               # pfc (Partial FC) | ffc (dynamic class queue + EMA gallery net, recognition/ffc)
-# --- head (Partial FC)
-config.loss = "arcface"             # arcface | cosface | combined; picks the margins below unless they are given
-config.margins = None               # (m1, m2, m3) of s * (cos(m1 * theta + m2) - m3); None: from `loss`
-config.scale = 64.0                 # s
-config.sample_ratio = 1.0           # share of each rank's centres used per step (1.0: no sampling)
-config.interclass_filter = 0.0      # Partial FC v2: negatives above this cosine count as 0, no gradient (0: off)
-config.bank_location = "device"     # where centres + momentum live: device | host | disk
-config.bank_dir = None              # folder of a disk bank (None: a temporary folder)
-# --- head (FFC); `scale` above is shared
-config.queue_size = 7409            # Q, slots of the dynamic class queue (the reference's default)
-config.ffc_alpha = 0.99             # gallery net EMA: g <- alpha * g + (1 - alpha) * probe, every step
-config.ffc_loss = "arcface"         # arcface (cos(theta + m)) | cosface (cos - m) | sv (SV-softmax)
-config.ffc_margin = 0.5             # m of ffc_loss
-config.ffc_sv_t = 1.2               # t of SV-softmax's hard negatives t * cos + t - 1
+# --- head: its keys are declared by the training method (TrainingMethod.config_defaults): Partial FC's in
+# recognition/partial_fc/method.py (loss, margins, sample_ratio, interclass_filter, bank_*, fc_weight_decay),
+# FFC's in recognition/ffc/method.py (queue_size, ffc_*); a preset may set them like any key here
+config.scale = 64.0                 # s, the logit scale of the margin softmax (both methods)
 # --- optimisation (SGD with momentum)
 config.batch_size = 128             # per rank
 config.lr = 0.1                     # base rate for `lr_batch_reference` samples per step; the run uses
 config.lr_batch_reference = 512     # lr * global_batch / lr_batch_reference (linear scaling rule)
 config.momentum = 0.9
 config.weight_decay = 5e-4          # backbone
-config.fc_weight_decay = 5e-4       # class centres
 config.num_epochs = 20              # run length in epochs (fractions allowed)
 config.max_steps = None             # stop after this many steps (the LR schedule still spans num_epochs)
 config.warmup_epochs = 0.0          # linear warmup to the base rate, in epochs (fractions allowed)
@@ -53,6 +45,7 @@ config.num_classes = None           # identities (None: read from the property f
 config.num_images = None            # images, for the log (the record file is what counts)
 config.synthetic_steps = 1000       # steps per "epoch" of the synthetic reader
 config.preprocess_threads = 2       # JPEG decoding threads per rank
+config.max_damaged = 0.01           # a rank whose share of damaged records exceeds this refuses the data set
 # --- verification, logging, checkpoints
 config.val_targets = ["lfw", "cfp_fp", "agedb_30"]   # .bin names in val_dir
 config.val_dir = None               # folder of the .bin sets (None: data_dir)
@@ -64,6 +57,9 @@ config.keep_checkpoints = 2         # resumable states kept (checkpoints/step_*)
 config.keep_exports = 3             # legacy model-%04d.params exports kept, the newest N (0: all; best-0000 stays)
 config.models_root = "models"       # outputs go to models_root/<dataset>_<network>_<loss>
 config.output = None                # derived from models_root unless given
-config.resume = False               # continue from the newest complete checkpoint in `output`
+config.resume = False               # continue from the newest intact checkpoint in `output`
+config.overwrite = False            # replace an earlier run in `output` (else a second run there is refused)
+config.elastic = False              # under horovodrun's elastic driver: go on after lost ranks, grow (elastic.py)
+config.commit_every = 100           # --elastic: commit the state in memory every N steps (a lost rank loses the rest)
 config.ctx = "auto"                 # auto (mx.gpu(local_rank) if MXNet sees a GPU, else cpu) | cpu | gpu
 config.seed = 0

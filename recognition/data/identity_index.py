@@ -24,8 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from recognition import checkpoint_io
-from recognition.data import rec_format
+from recognition.data import rec_format, record_scan
+from utils import fileio
 
 log = logging.getLogger("recognition.data")
 
@@ -120,7 +120,7 @@ def count_records(idx_path, block=1 << 24):
 
 def write(path, index, stamp):
     """Write ``index`` with ``stamp`` to ``path`` atomically."""
-    checkpoint_io.atomic_save_numpy(path, {
+    fileio.atomic_save_numpy(path, {
         "class_ids": index.class_ids, "starts": index.starts, "keys": index.keys, "stamp": stamp,
         "left_out": np.int64(index.left_out), "version": np.int64(VERSION)})
 
@@ -176,7 +176,7 @@ def scan(rec_path, progress=True):
               disable=not progress, mininterval=1.0) as bar:
         def advance(done, total):
             bar.update(done - bar.n)
-        classes, label_keys = rec_format.scan_iter_records(rec_path, offsets, ends, progress=advance)
+        classes, label_keys = record_scan.scan_iter_records(rec_path, offsets, ends, progress=advance)
     good = (classes >= 0) & (label_keys == idx_keys)
     bad = np.flatnonzero(~good)
     if bad.size:

@@ -2,12 +2,13 @@
 import numpy as np
 import mxnet as mx
 
-from recognition.data.record_reader import Batch, mix_seed
+from recognition.data.reader import Batch, BatchReader
+from recognition.data.record_reader import mix_seed
 
 _POOL = 4      # stream tag of the image-pool generator
 
 
-class SyntheticReader:
+class SyntheticReader(BatchReader):
     """Random images with uniformly random class ids in [0, num_classes) (up to 10^8 and beyond), for benchmarks:
     the same interface as RecordReader. Rows are drawn from a fixed pool of random images; images and labels of
     (epoch, step) are a pure function of (seed, epoch, rank, step)."""
@@ -32,3 +33,6 @@ class SyntheticReader:
             rows = rng.integers(0, len(self._pool), self.batch_size)
             labels = rng.integers(0, self.num_classes, self.batch_size, dtype=np.int64)
             yield Batch(mx.nd.from_numpy(np.take(self._pool, rows, axis=0), zero_copy=True), labels, 0)
+
+    def close(self):
+        """Nothing to release: no threads, no files."""

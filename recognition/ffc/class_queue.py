@@ -2,7 +2,7 @@
 
 State, identical on every rank: two banks of unit rows (2, Q, D) float32, the identity -> slot map with LRU
 eviction (``slot_map.LRUSlotMap``) and a next-row bit per slot. One ``forward_backward`` (one side of an FFC
-step, ``../shared/FFC.md``):
+step, ``docs/ffc.md``):
 
 1. gallery rows and labels of every rank are gathered with ONE allgather (each rank normalises its own rows
    first, so every rank receives the same bytes), together with each rank's shapes, label checks and
@@ -19,7 +19,7 @@ step, ``../shared/FFC.md``):
 5. the side's loss is the mean over ranks (one more allgather; every rank sums in rank order, so the float is
    the same everywhere) and the gradient returned is that mean's: 1/world of this rank's own. The trainer sums
    backbone gradients over ranks (its convention for Partial FC too), which so averages the ranks' gradients as
-   FFC.md asks;
+   FFC asks (docs/ffc.md);
 6. ``keep=True`` writes the rows, bits and map changes planned in step 2; ``keep=False`` (side A) writes
    nothing, so the state afterwards is bit-identical to before and "undoing" costs nothing.
 """
@@ -29,30 +29,15 @@ import numpy as np
 import mxnet as mx
 
 from recognition import dist
+from recognition.common.collective_input import LocalInput, exchange, input_problems, raise_problems
+from recognition.common.rows import Workspace, l2_normalize_rows, normalization_backward
 from recognition.ffc.queue_loss import LOSS_TYPES, QueueLoss, hard_negative_count
 from recognition.ffc.slot_map import LRUSlotMap
-from recognition.partial_fc.cpu_kernels import Workspace, l2_normalize_rows, normalization_backward
 from recognition.progress import PhaseClock
 
-# int64 header fields each rank sends about its inputs (see _gather_inputs); one block per input
-_BLOCK = ("rows", "dim", "ndim", "num_labels", "labels_int", "nonfinite", "neg_row", "neg_label")
 _STATE_KEYS = ("banks", "slots", "next_row")
-
-
-def _describe(x, y):
-    """Header fields of one input (features x, labels y); returns (fields, x float32, y int64)."""
-    labels_int = np.issubdtype(y.dtype, np.integer)
-    y = y.reshape(-1).astype(np.int64) if labels_int else np.zeros(y.size, np.int64)
-    negative = np.flatnonzero(y < 0)
-    neg_row = int(negative[0]) if negative.size else -1
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    fields = [x.shape[0] if x.ndim else 0, x.shape[1] if x.ndim == 2 else -1, x.ndim, y.size, int(labels_int),
-              x.size - np.count_nonzero(np.isfinite(x)), neg_row, int(y[neg_row]) if neg_row >= 0 else 0]
-    return fields, x, y
-
-
-def _as_numpy(a):
-    return a.asnumpy() if isinstance(a, mx.nd.NDArray) else np.asarray(a)
+_LABEL_RULE = "(labels must be >= 0)"
+_ANY_ID = (0, np.iinfo(np.int64).max)
 
 
 def resolve_writes(slots, fresh, next_row):
@@ -194,57 +179,30 @@ class DynamicClassQueue:
     # ------------------------------------------------------------------------------------------ checks
     def _gather_inputs(self, probe, probe_labels, gallery, gallery_labels, keep):
         """Gather every rank's gallery (normalised by its owner) and labels with ONE allgather, with each rank's
-        header of both inputs, its ``keep`` and its number of identities, and check them identically on every
-        rank (ranks that disagree on ``keep`` or hold different queues would drift apart silently). Returns this
-        rank's probe (float32), probe labels (int64), and the global gallery unit rows and labels in rank order."""
-        p_fields, p, p_labels = _describe(_as_numpy(probe), _as_numpy(probe_labels))
-        g_fields, g, g_labels = _describe(_as_numpy(gallery), _as_numpy(gallery_labels))
-        usable = (g.ndim == 2 and g.shape[1] == self.embedding_size and g_labels.size == g.shape[0]
-                  and g_fields[4] and not g_fields[5])     # only well-formed rows are normalised and sent
-        payload = (l2_normalize_rows(g)[0] if usable else np.zeros((0, self.embedding_size), np.float32))
-        sent = g_labels if usable else np.zeros(0, np.int64)
-        header = np.array(p_fields + g_fields + [int(bool(keep)), len(self._slots), payload.shape[0]], np.int64)
-        every = dist.allgather(np.concatenate([header.view(np.float32), sent.view(np.float32),
-                                               payload.reshape(-1)]), name="ffc.inputs")
-        units, labels, problems, offset, width = [], [], [], 0, 2 * header.size
-        for r in range(self.world_size):
-            fields = every[offset:offset + width].view(np.int64)
-            offset += width
-            for what, block in (("probe", fields[:len(_BLOCK)]), ("gallery", fields[len(_BLOCK):-3])):
-                problems += self._check_block(r, what, dict(zip(_BLOCK, block.tolist())))
-            rank_keep, identities, rows = fields[-3:].tolist()
-            if r == 0:
-                keep_0, identities_0 = rank_keep, identities
+        description of both inputs, its ``keep`` and its number of identities (``common.collective_input``), and
+        check them identically on every rank (ranks that disagree on ``keep`` or hold different queues would
+        drift apart silently). Returns this rank's probe (float32), probe labels (int64), and the global gallery
+        unit rows and labels in rank order."""
+        local = [LocalInput("probe", probe, probe_labels, _ANY_ID, _LABEL_RULE),
+                 LocalInput("gallery", gallery, gallery_labels, _ANY_ID, _LABEL_RULE)]
+        g = local[1]
+        payload = (g.y, l2_normalize_rows(g.x)[0]) if g.well_formed(self.embedding_size) else None
+        ranks = exchange(local, [int(bool(keep)), len(self._slots)], payload, self.embedding_size,
+                         name="ffc.inputs")
+        problems = []
+        keep_0, identities_0 = ranks[0].extras
+        for r, got in enumerate(ranks):
+            for fields, mine in zip(got.inputs, local):
+                problems += input_problems(r, fields, self.embedding_size, mine)
+            rank_keep, identities = got.extras
             if rank_keep != keep_0:
                 problems.append("rank %d passed keep=%s but rank 0 keep=%s" % (r, bool(rank_keep), bool(keep_0)))
             if identities != identities_0:
                 problems.append("rank %d's queue holds %d identities but rank 0's %d (the ranks' queues differ: "
                                 "load the same state on every rank)" % (r, identities, identities_0))
-            labels.append(every[offset:offset + 2 * rows].view(np.int64))
-            offset += 2 * rows
-            units.append(every[offset:offset + rows * self.embedding_size].reshape(rows, self.embedding_size))
-            offset += rows * self.embedding_size
-        if problems:
-            raise ValueError("DynamicClassQueue: bad input at call %d: %s" % (self.calls, "; ".join(problems)))
-        return p, p_labels, np.concatenate(units), np.concatenate(labels)
-
-    def _check_block(self, r, what, f):
-        """The problems of rank r's probe or gallery input, from its header fields."""
-        problems = []
-        if f["ndim"] != 2 or f["dim"] != self.embedding_size:
-            problems.append("rank %d %s has shape of %d dimensions with %s columns, expected (rows, %d)"
-                            % (r, what, f["ndim"], f["dim"] if f["ndim"] == 2 else "no", self.embedding_size))
-        if f["num_labels"] != f["rows"]:
-            problems.append("rank %d has %d %s labels for %d rows" % (r, f["num_labels"], what, f["rows"]))
-        if not f["labels_int"]:
-            problems.append("rank %d passed non-integer %s labels (int32/int64 needed: float32 cannot hold ids "
-                            "above 2^24 exactly)" % (r, what))
-        elif f["neg_row"] >= 0:
-            problems.append("rank %d %s row %d has label %d (labels must be >= 0)"
-                            % (r, what, f["neg_row"], f["neg_label"]))
-        if f["nonfinite"]:
-            problems.append("rank %d %s has %d non-finite values (NaN/inf)" % (r, what, f["nonfinite"]))
-        return problems
+        raise_problems(problems, "DynamicClassQueue: bad input at call %d" % self.calls)
+        return (local[0].x, local[0].y, np.concatenate([got.rows for got in ranks]),
+                np.concatenate([got.labels for got in ranks]))
 
     # ------------------------------------------------------------------------------------------ scoring
     def _score(self, p, target, touched, new_rows, existing, clock):

@@ -1,4 +1,4 @@
-"""FFC as a training method (``../shared/FFC.md``, "One training step"): two loaders, the probe backbone, an EMA
+"""FFC as a training method (``docs/ffc.md``, "One training step"): two loaders, the probe backbone, an EMA
 gallery net and the dynamic class queue.
 
 Each step, on every rank: the id loader gives B identities with two images each (a, b) and the instance loader B
@@ -26,10 +26,14 @@ import numpy as np
 import mxnet as mx
 
 from recognition import checkpoint_io, dist
-from recognition.data import build_reader
+from recognition.config_checks import check_choice, check_range
+from recognition.data.build import build_reader
 from recognition.data.id_loader import build_id_loader
 from recognition.ffc.class_queue import DynamicClassQueue
 from recognition.ffc.gallery import GalleryNet, live_param_arrays
+from recognition.ffc.queue_loss import LOSS_TYPES
+from recognition.method import Snapshot, TrainingMethod
+from utils import fileio
 
 log = logging.getLogger("recognition.train")
 
@@ -56,23 +60,67 @@ def pair_batches(id_batch, instance_batch):
                     np.concatenate([ids, labels[:half]]), np.concatenate([ids, labels[half:]]))
 
 
-class FFCMethod:
-    """The trainer's interface to FFC (see ``recognition.trainer`` for what a method provides)."""
+class FFCMethod(TrainingMethod):
+    """The trainer's interface to FFC (see ``recognition.method.TrainingMethod``)."""
 
     name = "ffc"
     accumulate = True           # sides A and B each run a backward pass; one update per step
 
+    @classmethod
+    def config_defaults(cls):
+        return {
+            "queue_size": 7409,         # Q, slots of the dynamic class queue (the reference's default)
+            "ffc_alpha": 0.99,          # gallery net EMA: g <- alpha * g + (1 - alpha) * probe, every step
+            "ffc_loss": "arcface",      # arcface (cos(theta + m)) | cosface (cos - m) | sv (SV-softmax)
+            "ffc_margin": 0.5,          # m of ffc_loss
+            "ffc_sv_t": 1.2,            # t of SV-softmax's hard negatives t * cos + t - 1
+        }
+
+    @classmethod
+    def add_arguments(cls, parser):
+        add = parser.add_argument
+        add("--queue-size", type=int, help="slots of the dynamic class queue")
+        add("--ffc-alpha", type=float, help="EMA rate of the gallery net (g <- a*g + (1-a)*probe)")
+        add("--ffc-loss", choices=LOSS_TYPES, help="margin type over the queue")
+        add("--margin", type=float, dest="ffc_margin", help="margin m of --ffc-loss (Partial FC takes --margins)")
+
+    @classmethod
+    def finalize_config(cls, cfg):
+        check_choice(cfg, "ffc_loss", LOSS_TYPES)
+        check_range(cfg, "queue_size", 1)
+        check_range(cfg, "ffc_alpha", 0.0, 1.0)
+        check_range(cfg, "ffc_margin", 0.0)
+        check_range(cfg, "ffc_sv_t", 1.0)
+        if cfg.batch_size % 2:
+            raise ValueError("FFC splits each instance batch into two halves: batch_size must be even, got %d"
+                             % cfg.batch_size)
+
+    @classmethod
+    def output_name(cls, cfg):
+        return "ffc_" + cfg.ffc_loss
+
     def __init__(self, cfg, ctx, rank, size):
         self.cfg, self.ctx, self.rank = cfg, ctx, rank
         self.instances = build_reader(cfg, rank, size)
-        self.ids = build_id_loader(cfg, rank, size)
-        self.steps_per_epoch = self.instances.steps_per_epoch
-        self.probe_batch_size = cfg.batch_size + cfg.batch_size // 2
-        self.queue = DynamicClassQueue(cfg.queue_size, cfg.embedding_size, loss=cfg.ffc_loss, margin=cfg.ffc_margin,
-                                       scale=cfg.scale, sv_t=cfg.ffc_sv_t, seed=cfg.seed)
+        self.ids = None
+        try:
+            self.ids = build_id_loader(cfg, rank, size)
+            self.queue = DynamicClassQueue(cfg.queue_size, cfg.embedding_size, loss=cfg.ffc_loss,
+                                           margin=cfg.ffc_margin, scale=cfg.scale, sv_t=cfg.ffc_sv_t, seed=cfg.seed)
+        except BaseException:
+            self.close()
+            raise
         self.alpha = float(cfg.ffc_alpha)
         self.gallery = None
         self.probe_arrays = None
+
+    @property
+    def steps_per_epoch(self):
+        return self.instances.steps_per_epoch
+
+    @property
+    def probe_batch_size(self):
+        return self.cfg.batch_size + self.cfg.batch_size // 2
 
     def describe(self):
         return ("FFC: queue of %d slots for %d identities, %s margin %g scale %g, gallery EMA alpha %g, id loader "
@@ -133,10 +181,6 @@ class FFCMethod:
         clock.tick("backbone_update", None)
         return loss
 
-    @property
-    def timings(self):
-        return getattr(self.queue, "timings", {})
-
     # ------------------------------------------------------------------------------------- checkpoints
     def save(self, folder):
         """Rank 0 writes the gallery's parameters and the queue (identical on every rank: checked first)."""
@@ -144,15 +188,12 @@ class FFCMethod:
         self._check_identical(state)
         if self.rank != 0:
             return
-        arg, aux = self.gallery.get_params()
-        checkpoint_io.atomic_save_ndarrays(os.path.join(folder, GALLERY_FILE),
-                                           {**{"arg:" + k: v for k, v in arg.items()},
-                                            **{"aux:" + k: v for k, v in aux.items()}})
+        checkpoint_io.save_params(os.path.join(folder, GALLERY_FILE), *self.gallery.get_params())
         path = os.path.join(folder, QUEUE_FILE)
         with open(path + ".tmp", "wb") as f:
             np.savez(f, **state)
         os.replace(path + ".tmp", path)
-        checkpoint_io.atomic_write_bytes(os.path.join(folder, "ffc.json"), json.dumps(
+        fileio.atomic_write_bytes(os.path.join(folder, "ffc.json"), json.dumps(
             {"queue_size": self.cfg.queue_size, "embedding_size": self.cfg.embedding_size,
              "identities_in_queue": int(len(state["slots"]))}).encode())
 
@@ -170,8 +211,32 @@ class FFCMethod:
             if not os.path.isfile(os.path.join(folder, name)):
                 raise FileNotFoundError("FFC checkpoint file %s not found (was %s written by an FFC run?)"
                                         % (os.path.join(folder, name), folder))
-        saved = mx.nd.load(os.path.join(folder, GALLERY_FILE))
-        self.gallery.set_params({k[4:]: v for k, v in saved.items() if k.startswith("arg:")},
-                                {k[4:]: v for k, v in saved.items() if k.startswith("aux:")})
+        self.gallery.set_params(*checkpoint_io.load_params(os.path.join(folder, GALLERY_FILE)))
         with np.load(os.path.join(folder, QUEUE_FILE)) as data:
             self.queue.load_state_dict({k: data[k] for k in data.files})
+
+    def shard_rows(self):
+        """Nothing is sharded: the queue and the gallery are the same on every rank."""
+        return 0, 0
+
+    def snapshot(self):
+        """Copies of the gallery's parameters and of the queue (identical on every rank), the gallery's BatchNorm
+        moving statistics rank 0's (a collective: they follow each rank's batches; a checkpoint keeps rank 0's)."""
+        arg, aux = self.gallery.get_params()
+        aux = {k: dist.broadcast(v, name="ffc.snapshot." + k) for k, v in aux.items()}     # all sent, then read
+        return Snapshot({"gallery_arg": {k: v.asnumpy() for k, v in arg.items()},
+                         "gallery_aux": {k: v.asnumpy() for k, v in aux.items()},
+                         "queue": self.queue.state_dict()}, {})
+
+    def load_snapshot(self, shared, rows):
+        self.gallery.set_params({k: mx.nd.array(v, dtype=v.dtype) for k, v in shared["gallery_arg"].items()},
+                                {k: mx.nd.array(v, dtype=v.dtype) for k, v in shared["gallery_aux"].items()})
+        self.queue.load_state_dict(shared["queue"])
+
+    def close(self):
+        """Stop both loaders' threads and close their files."""
+        try:
+            if self.ids is not None:
+                self.ids.close()
+        finally:
+            self.instances.close()

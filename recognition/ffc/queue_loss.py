@@ -1,7 +1,7 @@
 """The loss of one logit set of FFC (probe rows x all Q queue slots) and its gradient w.r.t. the cosines.
 
 Rows with a target slot: margin softmax cross-entropy over the Q slots with scale s, averaged over those rows.
-Margins: ArcFace cos(theta + m) and CosFace cos - m (``partial_fc.margin.CombinedMargin``, which continues
+Margins: ArcFace cos(theta + m) and CosFace cos - m (``common.margin.CombinedMargin``, which continues
 ArcFace with slope 1 beyond theta = pi - m instead of letting cos(theta + m) rise again there), and
 SV-softmax: the target becomes cos - m where cos > m, every other slot whose cosine exceeds (target cosine - m)
 becomes t*cos + t - 1. Rows without a target ("fresh" identities): the mean over those rows and their k largest
@@ -15,7 +15,7 @@ import numpy as np
 import mxnet as mx
 from numba import njit
 
-from recognition.partial_fc.margin import CombinedMargin
+from recognition.common.margin import CombinedMargin
 
 LOSS_TYPES = ("arcface", "cosface", "sv")
 

@@ -6,7 +6,7 @@ each bank row once and write it once, which is what bounds them (memory traffic)
 
 ``index`` is an int64 array of bank rows, or None for "every row in order" (sample_ratio 1.0).
 
-``_normal_rows`` computes the banks' deterministic initial centres (``memory_bank.init_rows`` documents the
+``_normal_rows`` computes the banks' deterministic initial centres (``init_rows`` documents the
 formula) one element at a time, several times faster than the same formula in NumPy; the disk bank builds every
 never-stored row it pulls with it.
 """
@@ -15,27 +15,39 @@ import math
 import numpy as np
 from numba import njit
 
-NORM_EPS = 1e-12
+from recognition.common.rows import NORM_EPS, Workspace
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)     # SplitMix64 constants
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 _TWO_PI = np.float32(2.0 * np.pi)
+INIT_STD = 0.01                             # initial centres: N(0, INIT_STD^2) entries
 
 
-def l2_normalize_rows(a):
-    """(a / ||a||, 1 / ||a||) row-wise, float32, with the norm floored at NORM_EPS."""
-    inv = np.einsum("ij,ij->i", a, a)
-    np.sqrt(inv, out=inv)
-    np.maximum(inv, NORM_EPS, out=inv)
-    np.divide(1.0, inv, out=inv)
-    return a * inv[:, None], inv
+def _splitmix64(x):
+    """SplitMix64 finaliser over a uint64 array (a good, fast hash of a counter)."""
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))
 
 
-def normalization_backward(unit, inv_norm, grad_unit):
-    """Gradient w.r.t. a before normalisation, given unit = a/||a|| and d(loss)/d(unit): (g - u (u.g)) / ||a||."""
-    dot = np.einsum("ij,ij->i", unit, grad_unit)
-    out = grad_unit - unit * dot[:, None]
-    out *= inv_norm[:, None]
+def init_key(seed):
+    """The hash key of a run's initial centres."""
+    return _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
+
+
+def init_rows(class_ids, dim, seed, std=INIT_STD):
+    """Initial centres of the given global class ids: N(0, std^2) entries, float32 (len(class_ids), dim).
+
+    Entry (c, j) is Box-Muller of a SplitMix64 hash of (seed, c * dim + j): independent of sharding, of the
+    bank and of the order rows are asked for, and cheap to recompute for any subset (the disk bank builds rows
+    lazily on first use). Computed by ``normal_rows``.
+    """
+    ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    out = np.empty((ids.size, dim), dtype=np.float32)
+    normal_rows(ids, init_key(seed), std, out)
     return out
 
 
@@ -110,25 +122,6 @@ def transpose_columns(src, lo, hi, out):
     """out (hi - lo, B) = src[:, lo:hi]^T for a C-contiguous (B, k) ``src`` with a small B (the batch)."""
     _transpose_columns(src, int(lo), out[:hi - lo])
     return out[:hi - lo]
-
-
-class Workspace:
-    """Named scratch buffers reused from step to step.
-
-    A fresh 100 MB array each step costs tens of milliseconds of page faults (the allocator maps large blocks
-    anew every time); reusing the buffers keeps the pages mapped. A buffer grows when a larger shape is asked.
-    """
-
-    def __init__(self):
-        self._flat = {}
-
-    def get(self, name, shape, dtype=np.float32):
-        size = int(np.prod(shape))
-        buf = self._flat.get(name)
-        if buf is None or buf.size < size or buf.dtype != np.dtype(dtype):
-            buf = np.empty(size, dtype=dtype)
-            self._flat[name] = buf
-        return buf[:size].reshape(shape)
 
 
 def gather_normalize(weight, index, workspace=None):

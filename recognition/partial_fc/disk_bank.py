@@ -6,7 +6,7 @@ D = 512). Every step only the sampled rows are read (``pull``) and written back 
 coalesced into one call - no memory map, so what stays resident is the sampled block, not the file.
 
 The file is created sparse (``ftruncate``): nothing is written up front. A row is initialised on first use
-from ``memory_bank.init_rows`` (a pure function of seed and class id, the same values every other bank starts
+from ``cpu_kernels.init_rows`` (a pure function of seed and class id, the same values every other bank starts
 from) and momentum 0; an in-memory bitmap (one byte per row) records which rows the file holds.
 """
 import ctypes
@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from recognition.partial_fc import cpu_kernels
-from recognition.partial_fc.memory_bank import INIT_STD, init_key
+from recognition.partial_fc.cpu_kernels import INIT_STD, init_key
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _pread = _libc.pread

@@ -12,47 +12,16 @@ Where the shard lives:
 * ``DeviceBank`` - NDArrays on an accelerator context (``mx.gpu(i)``);
 * ``DiskBank``   - (``disk_bank.py``) an out-of-core file for shards larger than RAM.
 
-Initial centres are a pure function of (seed, global class id) (``init_rows``), so a shard's initial rows are
+Initial centres are a pure function of (seed, global class id) (``cpu_kernels.init_rows``), so a shard's initial rows are
 the same whatever the world size and whichever bank holds them.
 """
 import numpy as np
 import mxnet as mx
 
+from recognition.common.rows import NORM_EPS
 from recognition.partial_fc import cpu_kernels
-from recognition.partial_fc.cpu_kernels import NORM_EPS
-
-INIT_STD = 0.01
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def _splitmix64(x):
-    """SplitMix64 finaliser over a uint64 array (a good, fast hash of a counter)."""
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))
-
-
-def init_key(seed):
-    """The hash key of a run's initial centres."""
-    return _splitmix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0x632BE59BD9B4E019))
-
-
-def init_rows(class_ids, dim, seed, std=INIT_STD):
-    """Initial centres of the given global class ids: N(0, std^2) entries, float32 (len(class_ids), dim).
-
-    Entry (c, j) is Box-Muller of a SplitMix64 hash of (seed, c * dim + j): independent of sharding, of the
-    bank and of the order rows are asked for, and cheap to recompute for any subset (the disk bank builds rows
-    lazily on first use). Computed by ``cpu_kernels.normal_rows``.
-    """
-    ids = np.asarray(class_ids, dtype=np.int64).reshape(-1)
-    out = np.empty((ids.size, dim), dtype=np.float32)
-    cpu_kernels.normal_rows(ids, init_key(seed), std, out)
-    return out
-
+from recognition.partial_fc.cpu_kernels import INIT_STD, init_key, init_rows
+from recognition.partial_fc.disk_bank import DiskBank
 
 class HostBank:
     """The shard and its momentum as NumPy arrays in host memory."""
@@ -151,7 +120,6 @@ def make_bank(location, ctx, num_local, dim, class_start, seed=0, kernels="numpy
     NumPy arrays for the NumPy kernels (which only run on a CPU context, where the two are the same memory).
     """
     if location == "disk":
-        from recognition.partial_fc.disk_bank import DiskBank
         return DiskBank(num_local, dim, class_start, seed=seed, directory=disk_dir)
     if location == "host" or (location == "device" and kernels == "numpy"):
         return HostBank(num_local, dim, class_start, seed=seed)

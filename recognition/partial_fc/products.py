@@ -1,7 +1,7 @@
 """The CPU head's matrix products and softmax through MXNet's oneDNN kernels, on NumPy arrays in place.
 
 oneDNN picks its kernels for the CPU it runs on; numpy's bundled OpenBLAS may not know a newer CPU and fall back
-to a generic core several times slower (``recognition/blas_check.py``), and numpy's float32 ``exp`` is about
+to a generic core several times slower (``utils/blas_check.py``), and numpy's float32 ``exp`` is about
 3x slower than oneDNN's softmax whole. So nothing of a training step goes through numpy's BLAS.
 
 ``FullyConnected(data, weight)`` is data . weight^T: both operands contract over their last (contiguous) axis.

@@ -1,6 +1,7 @@
 """tools/pack_rec.py and tools/convert_rec.py, and the layouts of recognition/data/rec_format.py."""
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,7 @@ def test_pack_writes_both_layouts_with_exact_labels(image_dir, tmp_path, encodin
     folder, images = image_dir
     prefix = str(tmp_path / "out" / "train")
     summary = pack_rec.pack(folder, prefix, encoding=encoding, workers=2, progress=False)
-    assert summary == {"num_images": 10, "num_classes": 4, "skipped": 0, "resized": 0}
+    assert summary == {"num_images": 10, "num_classes": 4, "skipped": 0, "resized": 0, "dropped_identities": 0}
     assert open(str(tmp_path / "out" / "property")).read().strip() == "4,112,112"
     expected = [images[key] for key in sorted(images)]                  # class order, then file name order
     classes = [c for c, _ in sorted(images)]
@@ -90,7 +91,7 @@ def test_pack_skips_unreadable_files_and_resizes(image_dir, tmp_path, caplog):
     cv2.imwrite(os.path.join(folder, "dave", "big.png"), np.full((150, 130, 3), 90, np.uint8))
     prefix = str(tmp_path / "train")
     summary = pack_rec.pack(folder, prefix, layouts=("iter",), workers=1, progress=False)
-    assert summary == {"num_images": 11, "num_classes": 4, "skipped": 1, "resized": 1}
+    assert summary == {"num_images": 11, "num_classes": 4, "skipped": 1, "resized": 1, "dropped_identities": 0}
     assert "broken.jpg" in caplog.text
     assert not os.path.exists(prefix + ".rec")                          # --layout iter: images-only files only
     labels, data = iter_batches(prefix, 4, 4)
@@ -104,6 +105,59 @@ def test_pack_bad_input_names_the_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no identity sub-folders"):
         pack_rec.pack(str(tmp_path / "empty"), str(tmp_path / "x"), progress=False)
+
+
+def folder_bytes(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def test_pack_skips_empty_files_and_folders_and_renumbers(image_dir, tmp_path, caplog):
+    """A zero-byte .jpg is skipped and named; an identity folder without image files, and one whose only image
+    does not decode, are skipped with a warning and the identities after them renumbered without gaps."""
+    folder, images = image_dir
+    open(os.path.join(folder, "alice", "zero.jpg"), "wb").close()
+    os.makedirs(os.path.join(folder, "anna"))                               # sorts between alice and bob
+    with open(os.path.join(folder, "anna", "notes.txt"), "w") as f:
+        f.write("not an image file")
+    os.makedirs(os.path.join(folder, "beth"))                               # between bob and carol
+    with open(os.path.join(folder, "beth", "only.png"), "wb") as f:
+        f.write(b"\x89PNG damaged")
+    prefix = str(tmp_path / "out" / "train")
+    summary = pack_rec.pack(folder, prefix, workers=2, progress=False)
+    assert summary == {"num_images": 10, "num_classes": 4, "skipped": 2, "resized": 0, "dropped_identities": 1}
+    assert "zero.jpg: empty file" in caplog.text and "only.png: does not decode" in caplog.text
+    assert "without image files" in caplog.text and "anna" in caplog.text
+    assert "none of whose images decodes" in caplog.text and "beth" in caplog.text
+    header, records, identities = read_insightface(prefix)
+    assert [label for label, _ in records] == [c for c, _ in sorted(images)]       # alice 0, bob 1, carol 2, dave 3
+    assert identities == [(1, 4), (4, 5), (5, 9), (9, 11)]
+    assert rec_format.read_property(rec_format.property_path(prefix)) == (4, 112, 112)
+    labels, _ = iter_batches(prefix, 4, 5)
+    assert labels.tolist() == [0, 0, 0, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_pack_cli_errors_are_one_line_and_keep_older_outputs(image_dir, tmp_path, capsys):
+    folder, _ = image_dir
+    out = tmp_path / "out"
+    assert pack_rec.main([folder, str(out / "train"), "--workers", "1"]) == 0
+    before = folder_bytes(str(out))
+    bad = tmp_path / "bad"
+    for name in ("x", "y"):
+        (bad / name).mkdir(parents=True)
+        (bad / name / "a.jpg").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    for source, message in ((bad, "%s: none of its 2 image files decodes (first: %s: empty file)"
+                             % (bad, bad / "x" / "a.jpg")),
+                            (tmp_path / "empty", "%s has no identity sub-folders" % (tmp_path / "empty")),
+                            (tmp_path / "nowhere", "image folder not found: %s" % (tmp_path / "nowhere"))):
+        assert pack_rec.main([str(source), str(out / "train"), "--workers", "1"]) == 1
+        err = capsys.readouterr().err
+        assert "pack_rec: error: " + message in err and "Traceback" not in err, err
+        assert folder_bytes(str(out)) == before                              # older outputs untouched, no temporaries
+    for argv in (["--quality", "101"], ["--workers", "0"], ["--image-size", "112,0"]):
+        with pytest.raises(SystemExit):
+            pack_rec.main([folder, str(out / "train")] + argv)
+        assert "error: argument " + argv[0] in capsys.readouterr().err
 
 
 def test_pack_cli_help_says_both_layouts():
@@ -199,6 +253,44 @@ def test_convert_label_out_of_range_names_the_record(insightface_set):
     assert not os.path.exists(prefix + "_iter.rec")                    # nothing half-written is left
 
 
+def test_convert_of_random_bytes_fails_and_keeps_the_good_outputs(insightface_set, capsys):
+    """A train.rec of random bytes: exit status 1, one line naming the file, and the train_iter.* files, the
+    identity index and property converted before are left exactly as they were."""
+    prefix, _ = insightface_set
+    folder = os.path.dirname(prefix)
+    assert convert_rec.main([prefix, "--workers", "1"]) == 0
+    before = folder_bytes(folder)
+    size = os.path.getsize(prefix + ".rec")
+    with open(prefix + ".rec", "wb") as f:
+        f.write(np.random.default_rng(5).integers(0, 256, size, dtype=np.uint8).tobytes())
+    assert convert_rec.main([prefix, "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "convert_rec: error: %s.rec holds no usable image record (17 record(s) in its index: 17 damaged, first " \
+           "record 0: no RecordIO magic at byte 0" % prefix in err and "Traceback" not in err, err
+    after = folder_bytes(folder)
+    assert {k: v for k, v in after.items() if k != "train.rec"} == {k: v for k, v in before.items() if k != "train.rec"}
+
+
+def test_convert_cli_errors_are_one_line(insightface_set, tmp_path, capsys):
+    prefix, _ = insightface_set
+    rec_format.write_property(rec_format.property_path(prefix), 3, (112, 112))     # fewer classes than the labels
+    missing = str(tmp_path / "none" / "train")
+    for argv, message in (([missing], "source record file not found: %s.rec" % missing),
+                          ([prefix], "%s.rec record 10 has class id 3 >= num_classes 3" % prefix)):
+        assert convert_rec.main(argv + ["--workers", "1"]) == 1
+        err = capsys.readouterr().err
+        assert "convert_rec: error: " + message in err and "Traceback" not in err, err
+    assert not os.path.exists(prefix + "_iter.rec")
+    with open(rec_format.property_path(prefix), "wb") as f:
+        f.write(bytes(range(128, 256)))
+    assert convert_rec.main([prefix, "--workers", "1"]) == 1
+    assert "convert_rec: error: %s: expected one line" % rec_format.property_path(prefix) in capsys.readouterr().err
+    for argv in (["--workers", "0"], ["--image-size", "ab"]):
+        with pytest.raises(SystemExit):
+            convert_rec.main([prefix] + argv)
+        assert "error: argument " + argv[0] in capsys.readouterr().err
+
+
 def test_convert_cli(insightface_set):
     prefix, _ = insightface_set
     subprocess.run([sys.executable, "tools/convert_rec.py", prefix, "--workers", "1"], cwd=ROOT, check=True,
@@ -278,3 +370,21 @@ def test_property_errors_name_the_file(tmp_path):
         f.write("ten,112,112\n")
     with pytest.raises(ValueError, match=path):
         rec_format.read_property(path)
+    with open(path, "wb") as f:
+        f.write(b"\x00\xff\xfe binary \x89")
+    with pytest.raises(ValueError, match=re.escape(path + ": expected one line 'num_classes,height,width', found 12 "
+                                                   "bytes of binary data")):
+        rec_format.read_property(path)
+
+
+def test_property_size_must_be_the_images_size(image_dir, tmp_path):
+    """property saying 96x96 over 112x112 images is refused when the set is opened, naming both files."""
+    folder, _ = image_dir
+    prefix = str(tmp_path / "train")
+    pack_rec.pack(folder, prefix, layouts=("iter",), workers=1, progress=False)
+    assert record_reader.open_record_set(str(tmp_path))["image_size"] == (112, 112)
+    rec_format.write_property(rec_format.property_path(prefix), 4, (96, 96))
+    with pytest.raises(ValueError, match=re.escape("%s says 96x96 images, but the first image of %s_iter.rec does "
+                                                   "not fit: image is 112x112, expected 96x96"
+                                                   % (rec_format.property_path(prefix), prefix))):
+        record_reader.open_record_set(str(tmp_path))

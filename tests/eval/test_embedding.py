@@ -1,7 +1,7 @@
 """eval/embedding.py: the view logic (flip, per-view normalisation, sum, XNorm) over any backend against NumPy,
-the MXNet and ONNX backends on any number of faces, and the shared --model / --onnx arguments."""
-import argparse
+the MXNet and ONNX backends on any number of faces, and checkpoints MXNet cannot read."""
 import json
+import re
 
 import cv2
 import mxnet as mx
@@ -101,26 +101,6 @@ def test_mxnet_backend_takes_any_number_of_faces():
                                    rtol=1e-5, atol=1e-3)
 
 
-def test_model_arguments_take_exactly_one_model(tmp_path, capsys):
-    def parse(argv):
-        parser = argparse.ArgumentParser()
-        embedding.add_model_arguments(parser)
-        return parser.parse_args(argv)
-
-    for argv in ([], ["--model", "m,1", "--onnx", "m.onnx"]):
-        with pytest.raises(SystemExit):
-            parse(argv)
-    assert "--model" in capsys.readouterr().err
-    args = parse(["--onnx", str(tmp_path / "absent.onnx")])
-    assert embedding.model_name(args) == str(tmp_path / "absent.onnx")
-    with pytest.raises(FileNotFoundError, match=r"ONNX model not found: .*absent\.onnx"):
-        embedding.check_model_arguments(args)
-    with pytest.raises(FileNotFoundError, match=r"model file not found: .*m-symbol\.json"):
-        embedding.check_model_arguments(parse(["--model", str(tmp_path / "m") + ",1"]))
-    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
-        embedding.check_model_arguments(parse(["--model", "m,1", "--batch-size", "0"]))
-
-
 def test_onnx_backend_through_the_embedder_and_the_bin_cli(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("eval.onnx_backend")
@@ -145,3 +125,35 @@ def test_onnx_backend_through_the_embedder_and_the_bin_cli(tmp_path, capsys):
         reports.append(json.loads(capsys.readouterr().out))
     assert reports[0]["model"] == onnx_path
     assert reports[0]["sets"]["set"] == pytest.approx(reports[1]["sets"]["set"], rel=1e-4)
+
+
+def test_checkpoint_files_mxnet_cannot_read_are_named(tmp_path):
+    """Garbage or non-graph JSON, truncated or foreign params, parameters of other shapes: one ValueError
+    naming the file (MXNet's own message names none)."""
+    weight, bias = linear_weights((3, 4, 5), dim=5, seed=1)
+    prefix = str(tmp_path / "m")
+    save_linear_checkpoint(prefix, weight, bias)
+    good_json, good_params = open(prefix + "-symbol.json", "rb").read(), open(prefix + "-0001.params", "rb").read()
+    json_path, params_path = prefix + "-symbol.json", prefix + "-0001.params"
+    cases = [(json_path, bytes(range(200, 256)) * 3, json_path + " is not an MXNet symbol file"),
+             (json_path, b'{"nodes": 3}', json_path + " is not an MXNet symbol file"),
+             (params_path, good_params[:len(good_params) // 2], params_path + " is not a readable MXNet parameter"),
+             (params_path, b"", params_path + " is not a readable MXNet parameter")]
+    for path, content, message in cases:
+        with open(path, "wb") as f:
+            f.write(content)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            embedding.Embedder.from_checkpoint(prefix + ",1", image_size=(4, 5))
+        with open(json_path, "wb") as f:
+            f.write(good_json)
+        with open(params_path, "wb") as f:
+            f.write(good_params)
+    mx.nd.save(params_path, {"fc1_weight": mx.nd.array(weight), "fc1_bias": mx.nd.array(bias)})   # no arg: keys
+    with pytest.raises(ValueError, match=re.escape(params_path + " holds no 'arg:NAME'")):
+        embedding.Embedder.from_checkpoint(prefix + ",1", image_size=(4, 5))
+    with open(params_path, "wb") as f:
+        f.write(good_params)
+    with pytest.raises(ValueError, match=re.escape("the parameters of %s,1 do not fit its graph on faces of 6x6"
+                                                   % prefix)):
+        embedding.Embedder.from_checkpoint(prefix + ",1", image_size=(6, 6))
+    assert embedding.Embedder.from_checkpoint(prefix + ",1", image_size=(4, 5)).dim == 5

@@ -381,3 +381,35 @@ def test_cli_missing_model_or_set_exits_non_zero(tmp_path, capsys):
     assert "cfp_fp.bin" in capsys.readouterr().err
     assert ver.main(base + ["--model", prefix + ",3", "--target", "lfw", "--ctx", "tpu"]) == 1
     assert "--ctx must be cpu, gpu or gpu:N" in capsys.readouterr().err
+
+
+def test_cli_checks_folds_and_the_model_before_embedding(tmp_path, capsys, monkeypatch):
+    """--nfolds 0, more folds than pairs, a set of one kind of pair, a damaged or unfitting model: each is one
+    error line naming the value or file, and not one face is embedded first."""
+    prefix = str(tmp_path / "model")
+    save_tiny_checkpoint(prefix, image_size=(16, 16))
+    make_set(tmp_path / "lfw.bin", 10, seed=1, size=(16, 16))
+    faces = random_faces(8, size=(16, 16), seed=3)
+    ver.write_bin(str(tmp_path / "same.bin"), [encode(f) for f in faces], [True] * 4)
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("embedded before the arguments were checked")
+
+    monkeypatch.setattr(ver.Embedder, "embed", no_embedding)
+    base = ["--data-dir", str(tmp_path), "--image-size", "16,16", "--model", prefix + ",3"]
+    with pytest.raises(SystemExit):
+        ver.main(base + ["--target", "lfw", "--nfolds", "0"])
+    assert "argument --nfolds: must be >= 2, got 0" in capsys.readouterr().err
+    cases = [(["--target", "lfw", "--nfolds", "11"], "lfw.bin: nfolds must be in [2, number of pairs = 10], got 11"),
+             (["--target", "lfw,same", "--nfolds", "2"], "same.bin: issame must hold both same and different pairs"),
+             (["--target", "lfw", "--image-size", "8,8"], "model,3 do not fit its graph on faces of 8x8")]
+    for argv, message in cases:
+        assert ver.main(base + argv) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and err.count("verification: error") == 1, err
+    with open(prefix + "-symbol.json", "wb") as f:
+        f.write(bytes(range(256)))
+    assert ver.main(base + ["--target", "lfw"]) == 1
+    err = capsys.readouterr().err
+    assert "verification: error: %s-symbol.json is not an MXNet symbol file" % prefix in err
+    assert "Traceback" not in err and err.count("verification: error") == 1

@@ -1,4 +1,4 @@
-"""The dynamic class queue on 1, 2 and 3 ranks against the plain reference of FFC.md, and its contracts."""
+"""The dynamic class queue on 1, 2 and 3 ranks against the plain reference of docs/ffc.md, and its contracts."""
 import numpy as np
 import pytest
 
@@ -55,7 +55,7 @@ def scenario_body(losses, steps=4):
     """Every rank: for each loss type and each start (fresh queue, preloaded full queue), run the scenario and
     return the initial state and, after every call, the loss, the gradient and the whole state."""
     import horovod.mxnet as hvd
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     rank = hvd.rank()
     data = scenario(hvd.size(), steps)
     out = {}
@@ -86,7 +86,7 @@ def bad_input_body():
     a good call, which must still work (no rank was left behind in a collective)."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     rank = hvd.rank()
     dcq = DynamicClassQueue(Q, DIM, seed=3)
     dcq.load_state_dict(full_state())
@@ -248,7 +248,7 @@ def test_ndarray_input_gives_the_numbers_of_numpy_input(hvd_single):
     """Bit-equal losses, gradients and states; the gradient is an NDArray on the probe's context for NDArray
     input and a float32 NumPy array for NumPy input."""
     import mxnet as mx
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     queues = [DynamicClassQueue(Q, DIM, loss="sv", margin=0.3, seed=1) for _ in range(2)]
     ctx = mx.cpu(1)
     for probe, probe_labels, gallery, gallery_labels, keep in single_rank_calls():
@@ -267,7 +267,7 @@ def test_ndarray_input_gives_the_numbers_of_numpy_input(hvd_single):
 def test_gradient_matches_finite_differences(hvd_single, loss_type):
     """d loss / d probe (raw rows, through the normalisation) against central differences of the float64
     reference loss; the reference's own analytic gradient is checked against them as well."""
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     rng = np.random.default_rng(7)
     m = MARGINS[loss_type]
     dcq = DynamicClassQueue(Q, DIM, loss=loss_type, margin=m, seed=0)
@@ -297,7 +297,7 @@ def test_gradient_matches_finite_differences(hvd_single, loss_type):
 def test_state_dict_round_trip_continues_exactly(hvd_single):
     """A queue restored from another's state_dict (into a queue of another seed) continues bit for bit; the
     state_dict holds copies."""
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     calls = single_rank_calls(steps=4)
     original = DynamicClassQueue(Q, DIM, loss="arcface", seed=1)
     for call in calls[:3]:
@@ -341,7 +341,7 @@ def _corrupt(state, key, value):
     (lambda s: _corrupt(s, "step", 3), "needs exactly the keys"),
 ])
 def test_load_state_dict_refuses_bad_state_and_keeps_its_own(hvd_single, change, message):
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     dcq = DynamicClassQueue(Q, DIM, seed=0)
     dcq.load_state_dict(full_state())
     before = dcq.state_dict()
@@ -353,7 +353,7 @@ def test_load_state_dict_refuses_bad_state_and_keeps_its_own(hvd_single, change,
 
 def test_construction(hvd_single):
     """Unit rows drawn from the seed (so ranks agree), an empty map, zero bits; bad arguments are refused."""
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     a, b, c = (DynamicClassQueue(Q, DIM, seed=s).state_dict() for s in (4, 4, 5))
     assert_same_bits([a, b])
     assert not np.array_equal(a["banks"], c["banks"])
@@ -370,7 +370,7 @@ def test_construction(hvd_single):
 def test_many_random_calls_with_a_tiny_queue(hvd_single, queue_size):
     """Tiny queues under long random call sequences (most inserts evict, labels repeat within a batch, batches
     larger than the queue, empty probe or gallery batches): the state and loss follow the reference."""
-    from recognition.ffc import DynamicClassQueue
+    from recognition.ffc.class_queue import DynamicClassQueue
     rng = np.random.default_rng(queue_size)
     dcq = DynamicClassQueue(queue_size, 4, loss="cosface", margin=0.35, seed=2)
     state = dcq.state_dict()

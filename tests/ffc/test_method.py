@@ -1,7 +1,7 @@
 """FFC as a training method: batch composition, the step (EMA, sides A and B, accumulated gradients), exact
 resume (K + resume + K = 2K steps), resume on another world size, checkpoints.
 
-The backbone is the tiny conv net of tests/test_train.py; the data a small packed synthetic-identities set.
+The backbone is the tiny conv net of tests/conftest.py; the data a small packed synthetic-identities set.
 """
 import json
 import os
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tests.harness import ROOT, run_ranks
-from tests.test_train import tiny_backbone  # noqa: F401  (the fixture, for the tests run in this process)
 
 # in this process through monkeypatch (restored after each test); rank processes patch in train_body
 pytestmark = pytest.mark.usefixtures("tiny_backbone")
@@ -54,13 +53,12 @@ def _snapshot(trainer):
 def train_body(argv, probe_resume=False):
     """Train with ``argv``; return the probe and gallery parameters, the queue, the loss and the step."""
     import horovod.mxnet as hvd
-    from tests.test_train import _patch_backbone
-    _patch_backbone()
+    from tests.conftest import patch_backbone
+    patch_backbone()
     trainer = _trainer(argv)
     loaded = None
     if probe_resume:
         trainer.resume()
-        trainer.cfg.resume = False
         loaded = _snapshot(trainer)
     loss = trainer.fit()
     return dict(_snapshot(trainer), rank=hvd.rank(), loss=loss, step=trainer.step, loaded=loaded)
@@ -150,7 +148,7 @@ def test_gallery_follows_every_ema_step_in_training_mode():
     weights: no weights cached from an earlier forward, no BatchNorm folded with moving statistics."""
     import mxnet as mx
     from recognition.ffc.gallery import GalleryNet
-    from tests.test_train import tiny_symbol
+    from tests.conftest import tiny_symbol
     symbol = tiny_symbol("tiny", embedding_size=8)
     rng = np.random.default_rng(2)
     shapes = dict(zip(symbol.list_arguments(), symbol.infer_shape(data=(4, 3, 112, 112))[0]))
@@ -243,6 +241,6 @@ def test_a_pfc_checkpoint_does_not_resume_an_ffc_run(tmp_path, faces):
     pfc = _trainer(["--dataset", "synthetic", "--data-dir", faces, "--output", str(out), "--embedding-size", "16",
                     "--batch-size", "4", "--max-steps", "1", "--verbose", "0", "--preprocess-threads", "1"])
     pfc.fit()
-    ffc = _trainer(_argv(faces, out, "--max-steps", "2"))
+    ffc = _trainer(_argv(faces, out, "--max-steps", "2", "--resume"))
     with pytest.raises(ValueError, match="method='pfc', this run 'ffc'"):
         ffc.resume()

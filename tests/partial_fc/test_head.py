@@ -10,14 +10,14 @@ NUM_CLASSES, DIM = 1001, 8
 
 def head_cfg(bank="device"):
     return edict(num_classes=NUM_CLASSES, embedding_size=DIM, sample_ratio=0.2, margins=(1.0, 0.5, 0.0),
-                 scale=64.0, bank_location=bank, interclass_filter=0.0, momentum=0.9, fc_weight_decay=5e-4,
-                 seed=3)
+                 scale=64.0, bank_location=bank, bank_dir=None, bank_pipeline=True, interclass_filter=0.0,
+                 momentum=0.9, fc_weight_decay=5e-4, seed=3)
 
 
 def train_and_save_body(folder, steps, bank):
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFCHead
+    from recognition.partial_fc.head import PartialFCHead
     head = PartialFCHead(head_cfg(bank), mx.cpu())
     rng = np.random.default_rng([hvd.rank()])
     for _ in range(steps):
@@ -36,7 +36,7 @@ def train_and_save_body(folder, steps, bank):
 
 def load_body(folder, bank):
     import mxnet as mx
-    from recognition.partial_fc import PartialFCHead
+    from recognition.partial_fc.head import PartialFCHead
     head = PartialFCHead(head_cfg(bank), mx.cpu())
     head.load(folder)
     pfc = head.pfc
@@ -66,7 +66,7 @@ def test_missing_shard_and_class_count_mismatch_are_clear_errors(tmp_path):
     import os
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFCHead
+    from recognition.partial_fc.head import PartialFCHead
     hvd.init()
     folder = str(tmp_path)
     head = PartialFCHead(head_cfg(), mx.cpu())

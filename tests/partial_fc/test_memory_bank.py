@@ -4,7 +4,8 @@ import mxnet as mx
 import pytest
 
 from recognition.dist import shard_range
-from recognition.partial_fc.memory_bank import DeviceBank, HostBank, init_rows, make_bank
+from recognition.partial_fc.cpu_kernels import init_rows
+from recognition.partial_fc.memory_bank import DeviceBank, HostBank, make_bank
 from tests.partial_fc.pfc_reference import init_rows_reference
 
 
@@ -37,7 +38,7 @@ def test_init_rows_follow_the_numpy_formula_and_fill_strided_buffers():
     np.testing.assert_allclose(init_rows(ids, 24, seed=9), expected, rtol=1e-5, atol=1e-7)
     # the disk bank's layout: weight and momentum interleaved per row, only the selected rows written
     from recognition.partial_fc import cpu_kernels
-    from recognition.partial_fc.memory_bank import init_key
+    from recognition.partial_fc.cpu_kernels import init_key
     buf = np.full((ids.size, 2, 24), 7.0, np.float32)
     selected = np.array([True, False, True, True, False])
     cpu_kernels.normal_rows(ids, init_key(9), 0.01, buf[:, 0], selected=selected, momentum=buf[:, 1])

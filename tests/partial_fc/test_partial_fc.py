@@ -51,7 +51,7 @@ def exactness_body(cases):
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_matches_dense_reference(world_size):
-    from recognition.partial_fc.memory_bank import init_rows
+    from recognition.partial_fc.cpu_kernels import init_rows
     results = run_ranks(exactness_body, np=world_size, timeout=180, kwargs={"cases": CASES})
     x, y = global_batch(world_size)
     w_full = init_rows(np.arange(NUM_CLASSES), DIM, seed=0)
@@ -93,7 +93,7 @@ IGNORED_ROWS = [2, 9, 15]     # rows labelled IGNORE_LABEL (padding): on both ra
 def ignored_rows_body(cases):
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import IGNORE_LABEL, PartialFC
+    from recognition.partial_fc.operator import IGNORE_LABEL, PartialFC
     rank = hvd.rank()
     x, y = global_batch(hvd.size(), seed=1)
     y[IGNORED_ROWS] = IGNORE_LABEL
@@ -114,7 +114,7 @@ def ignored_rows_body(cases):
 
 def test_ignored_rows_take_no_part_in_loss_or_gradients():
     """Padding rows (label -1) are left out: the result equals the reference on the labelled rows alone."""
-    from recognition.partial_fc.memory_bank import init_rows
+    from recognition.partial_fc.cpu_kernels import init_rows
     cases = [(1.0, "numpy"), (0.1, "numpy"), (0.1, "ndarray")]
     results = run_ranks(ignored_rows_body, np=2, timeout=180, kwargs={"cases": cases})
     x, y = global_batch(2, seed=1)
@@ -167,12 +167,14 @@ def test_bad_input_raises_the_same_clear_error_on_every_rank():
     results = run_ranks(bad_input_body, np=2, timeout=120)
     (msgs0, loss0), (msgs1, loss1) = results
     assert msgs0 == msgs1
-    assert "rank 1 has label 100 outside [0, 100)" in msgs0["label_too_big"]
-    assert "rank 0 has label -5" in msgs0["label_negative"]
-    assert "rank 1 has 32 non-finite" in msgs0["nan"]
+    # the input protocol shared with FFC (recognition/common/collective_input.py) names rank, input and row
+    assert "rank 1 batch row 3 has label 100 outside [0, 100) (-1 marks an ignored row)" in msgs0["label_too_big"]
+    assert "rank 0 batch row 0 has label -5 outside [0, 100)" in msgs0["label_negative"]
+    assert "rank 1 batch has 32 non-finite values (NaN/inf)" in msgs0["nan"]
     assert "rank 1 has batch size 3 but rank 0 has 4" in msgs0["batch_mismatch"]
-    assert "rank 0 has embeddings of size 7" in msgs0["dim_mismatch"]
-    assert "rank 1 passed non-integer labels" in msgs0["float_labels"]
+    assert "rank 0 batch has shape of 2 dimensions with 7 columns, expected (rows, 8)" in msgs0["dim_mismatch"]
+    assert "rank 1 passed non-integer batch labels" in msgs0["float_labels"]
+    assert all(m.startswith("PartialFC: bad input at step 0: ") for m in msgs0.values()), msgs0
     assert np.isfinite(loss0) and loss0 == loss1
 
 
@@ -234,7 +236,7 @@ def convergence_body(steps):
     import mxnet as mx
     import horovod.mxnet as hvd
     from recognition.partial_fc.operator import PartialFC
-    rank, size = hvd.rank(), hvd.size()
+    rank = hvd.rank()
     num_classes, dim, batch = 2000, 32, 32
     table = np.random.default_rng(123).standard_normal((num_classes, dim)).astype(np.float32)  # one row per class
     pfc = PartialFC(num_classes, dim, sample_ratio=0.1, margins=COS, scale=32.0, seed=7)

@@ -33,7 +33,7 @@ def _train(ratio, bank, pipelined, kernels="numpy", overtaking=False):
     """STEPS steps the way PartialFCMethod runs them; returns everything the comparison needs."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     from recognition.partial_fc.bank_queue import BankQueue
     pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=ratio, bank_location=bank, kernels=kernels, seed=5,
                     pipeline=pipelined)
@@ -64,7 +64,7 @@ def _failing_bank(fail_rank):
     """Two pipelined steps where fail_rank's bank cannot write; returns the errors every call raised."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=0.1, bank_location="disk", seed=5, pipeline=True)
     if hvd.rank() == fail_rank:
         def full_disk(*args, **kwargs):
@@ -91,7 +91,7 @@ def _changed_labels():
     """A bad label at prepare() (rank 0), then labels that differ from the prepared ones (rank 1)."""
     import mxnet as mx
     import horovod.mxnet as hvd
-    from recognition.partial_fc import PartialFC
+    from recognition.partial_fc.operator import PartialFC
     pfc = PartialFC(NUM_CLASSES, DIM, sample_ratio=0.1, seed=5, pipeline=True)
     (x, y), = _batches(hvd.rank(), 1)
     messages = []
@@ -174,5 +174,5 @@ def test_a_failed_push_is_reported_on_every_rank_without_a_hang(two_ranks):
 def test_bad_or_changed_labels_raise_the_same_error_on_every_rank(two_ranks):
     first, second = (per_rank["labels"] for per_rank in two_ranks)
     assert first == second
-    assert "rank 0 has label 240 outside [0, 240)" in first[0]
+    assert "rank 0 batch row" in first[0] and "has label 240 outside [0, 240)" in first[0]
     assert "rank 1 passed labels that differ from the ones it gave prepare()" in first[1]

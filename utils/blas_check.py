@@ -3,7 +3,7 @@
 The OpenBLAS bundled with a numpy or MXNet wheel picks its kernels (its "core") from the CPU when it loads. A
 build older than the CPU does not recognise it and falls back to a generic core such as "Prescott" (SSE3),
 several times slower on an AVX2 or AVX-512 machine, and from one run to the next the same command can then
-differ by 3x. The Partial FC step keeps its products off numpy's BLAS (``partial_fc/products.py``); tools and
+differ by 3x. The Partial FC step keeps its products off numpy's BLAS (``recognition/partial_fc/products.py``); tools and
 evaluation still use it. ``warn_if_generic_blas`` logs one warning that names the fix, ``OPENBLAS_CORETYPE``;
 it never sets it (the variable only works before the library loads, and the choice is the user's).
 """

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from recognition.blas_check import cpu_vector_level, generic_blas_message
+from utils.blas_check import cpu_vector_level, generic_blas_message
 from tests.harness import ROOT
 
 NUMPY_LIB = "/venv/lib/python3.11/site-packages/numpy.libs/libopenblas64_p-r0-742d56dc.3.20.so"
@@ -42,7 +42,7 @@ def test_fitting_cores_or_an_old_cpu_give_no_warning():
 def test_one_warning_per_process_and_the_environment_is_left_alone():
     """A real process whose OpenBLAS copies are forced onto the generic core (this machine has AVX2)."""
     code = ("import os, logging, mxnet\n"
-            "from recognition.blas_check import warn_if_generic_blas\n"
+            "from utils.blas_check import warn_if_generic_blas\n"
             "logging.basicConfig(format='LOG %(levelname)s %(message)s')\n"
             "first, second = warn_if_generic_blas(), warn_if_generic_blas()\n"
             "print('SAME', first == second, 'ENV', os.environ['OPENBLAS_CORETYPE'])\n")

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from recognition.partial_fc.margin import CombinedMargin
+from recognition.common.margin import CombinedMargin
 
 
 def test_arcface_hand_computed():
