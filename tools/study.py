@@ -65,7 +65,8 @@ def verify_every(steps, points, checkpoint_every):
     moving statistics that checkpoint and its export hold (not the training's own): two runs otherwise equal to
     the bit exported different statistics, so a verification never comes right before a checkpoint here."""
     every = max(1, -(-steps // points))
-    while steps > 1 and (every % checkpoint_every == 0 or steps % every == 0):
+    # with checkpoint_every 1 every step is a checkpoint; only the last step is avoided then
+    while every < steps and ((checkpoint_every > 1 and every % checkpoint_every == 0) or steps % every == 0):
         every += 1
     return every
 

@@ -177,7 +177,7 @@ def plot(grid, results, out_path):
 
 
 def section(name, grid, results, plot_name, root, command_line):
-    from recognition.blas_check import cpu_model
+    from utils.blas_check import cpu_model
     commits = sorted({a.get("commit", "?") for r in results.values() for a in r["attempts"]})
     out = ["### Grid `%s`: %s" % (name, grid.title), "",
            "Written by `%s` on %s; %d of %d rows finished. Machine: %s, %d cores (shared with other work while "
