@@ -114,16 +114,19 @@ def _write_bin(path, pairs=20):
 
 
 def _saved(out):
-    """{file: {key: array}} of the run's step-3 checkpoint and its legacy export."""
+    """{file: {key: array}} of the run's checkpoints of steps 3 and 4 and their legacy exports."""
     import mxnet as mx
-    files = {"state": os.path.join(out, "checkpoints", "step_000000003", "backbone.params"),
-             "export": os.path.join(out, "model-0001.params")}
+    files = {}
+    for step in (3, 4):
+        files["state %d" % step] = os.path.join(out, "checkpoints", "step_%09d" % step, "backbone.params")
+        files["export %d" % step] = os.path.join(out, "model-%04d.params" % step)
     return {name: {k: v.asnumpy() for k, v in mx.nd.load(path).items()} for name, path in files.items()}
 
 
 def test_a_verification_changes_nothing_that_is_saved_or_trained(tmp_path, slow_backward):
-    """Step 3 verifies (first, as the loop does) and checkpoints; the same run without the verification saves
-    the same bits, and both hold the settled moving statistics of step 3."""
+    """Step 3 verifies (first, as the loop does) and checkpoints, then step 4 trains and checkpoints; the same
+    run without the verification saves the same bits at both steps, and the last checkpoint holds the settled
+    moving statistics."""
     import horovod.mxnet as hvd
     hvd.init()
     from recognition.config import config_from_args
@@ -132,16 +135,18 @@ def test_a_verification_changes_nothing_that_is_saved_or_trained(tmp_path, slow_
     saved, live = {}, {}
     for verbose in ("3", "0"):
         out = tmp_path / ("verbose" + verbose)
-        trainer = Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "3", "--val-dir", str(tmp_path),
-                                                           "--val-targets", "pairs", "--verbose", verbose)))
+        trainer = Trainer(config_from_args(tiny_train_argv(
+            out, "--max-steps", "4", "--checkpoint-every", "1", "--keep-exports", "0",
+            "--val-dir", str(tmp_path), "--val-targets", "pairs", "--verbose", verbose)))
         trainer.fit()
         live[verbose] = _live_aux(trainer.module)
         saved[verbose] = _saved(str(out))
-    assert os.path.exists(tmp_path / "verbose3" / "best.json") and not os.path.exists(tmp_path / "verbose0" / "best.json")
-    for name in ("state", "export"):
+    assert os.path.exists(tmp_path / "verbose3" / "best.json")          # it did verify
+    assert not os.path.exists(tmp_path / "verbose0" / "best.json")
+    for name in saved["0"]:
         assert sorted(saved["3"][name]) == sorted(saved["0"][name])
         for key in saved["0"][name]:
             np.testing.assert_array_equal(saved["3"][name][key], saved["0"][name][key], err_msg=name + " " + key)
     for verbose in ("3", "0"):
         for key, value in live[verbose].items():
-            np.testing.assert_array_equal(saved[verbose]["state"]["aux:" + key], value, err_msg=key)
+            np.testing.assert_array_equal(saved[verbose]["state 4"]["aux:" + key], value, err_msg=key)
