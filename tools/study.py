@@ -61,9 +61,9 @@ def flag_value(flags, name, default=None):
 def verify_every(steps, points, checkpoint_every):
     """train.py's --verbose for about ``points`` verifications of a ``steps``-step run (one more comes after the
     last step): the smallest interval >= steps / points that never lands on a checkpoint step (a multiple of
-    ``checkpoint_every``, or the last step). The main grid's first rows ran before ``Backbone.get_params`` waited
-    for BatchNorm's statistics (a read right after a step, as a verification made, could save the previous
-    step's); keeping the verifications off checkpoint steps keeps later rows run like those."""
+    ``checkpoint_every``, or the last step). This dates from before ``Backbone.get_params`` waited for BatchNorm's
+    statistics, when a verification right before a checkpoint could leave the previous step's statistics in it;
+    it stays so that the rows of a grid started then keep their flags."""
     every = max(1, -(-steps // points))
     # with checkpoint_every 1 every step is a checkpoint; only the last step is avoided then
     while every < steps and ((checkpoint_every > 1 and every % checkpoint_every == 0) or steps % every == 0):
