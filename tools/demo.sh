@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job (`make demo`), end to end on CPU in about 8 minutes on 2 cores:
+# The main job (`make demo`), end to end on CPU in about 11 minutes on 2 cores (`make demo METHOD=ffc`: 6):
 #   1. draw synthetic identities and pack them as InsightFace RecordIO (train.rec/.idx/property) plus
 #      holdout.bin, pairs of identities that training never sees (tools/make_synthetic.py);
 #   2. train a MobileFaceNet with Partial FC (2 Horovod ranks over Gloo, half the centres sampled per step),
 #      or with METHOD=ffc (`make demo METHOD=ffc`) with FFC (a queue of a third of the identities, an EMA
-#      gallery net, id + instance loaders), verifying on holdout.bin as it goes;
+#      gallery net, id + instance loaders); every training setting comes from the method's demo preset;
 #   3. evaluate the exported legacy checkpoint (symbol json + params) with eval/verification.py;
 #   4. evaluate it on a synthetic IJB-C-layout set of 100 more unseen identities (tools/make_synthetic_ijb.py,
 #      eval/ijb.py: template verification, TAR@FAR);
