@@ -123,6 +123,7 @@ def build_arg_parser():
     add("--num-epochs", type=float)
     add("--max-steps", type=int, help="stop after this many steps (the lr schedule spans the run)")
     add("--lr-mode", choices=LR_MODES)
+    add("--lr-power", type=float, help="poly mode: lr * (1 - progress) ** POWER (1: linear decay)")
     add("--lr-steps", help="comma-separated epochs at which lr *= 0.1 (step mode)")
     add("--warmup-epochs", type=float, help="linear warmup length in epochs (fractions allowed)")
     add("--embedding-size", type=int)

@@ -27,7 +27,9 @@ CASES = {
             "--lr", "0.2", "--num-epochs", "1", "--max-steps", str(STEPS), "--warmup-epochs", "0", "--frequent",
             "1", "--verbose", "0", "--checkpoint-every", "100", "--preprocess-threads", "1",
             "--val-targets", ""],
+    # the FFC demo preset's own alpha and lr power changed after these values were recorded: pinned here
     "ffc": ["--dataset", "synthetic_ffc", "--queue-size", "6", "--embedding-size", "16", "--batch-size", "4",
+            "--ffc-alpha", "0.9", "--lr-power", "2",
             "--lr", "0.2", "--num-epochs", "1", "--max-steps", str(STEPS), "--warmup-epochs", "0", "--frequent",
             "1", "--verbose", "0", "--checkpoint-every", "100", "--preprocess-threads", "1",
             "--val-targets", ""],

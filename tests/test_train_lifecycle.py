@@ -14,7 +14,7 @@ PFC = ["--dataset", "bench_1m", "--num-classes", "50", "--embedding-size", "16",
        "--sample-ratio", "0.5", "--bank-pipeline", "--lr", "0.1", "--max-steps", "4", "--frequent", "1",
        "--verbose", "0", "--checkpoint-every", "2"]
 FFC = ["--dataset", "synthetic_ffc", "--queue-size", "6", "--embedding-size", "16", "--batch-size", "4", "--lr",
-       "0.1", "--max-steps", "4", "--frequent", "1", "--verbose", "0", "--checkpoint-every", "2",
+       "0.1", "--num-epochs", "1", "--max-steps", "4", "--frequent", "1", "--verbose", "0", "--checkpoint-every", "2",
        "--preprocess-threads", "2", "--val-targets", ""]
 
 

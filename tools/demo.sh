@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job (`make demo`), end to end on CPU in about 8 minutes on 2 cores:
+# The main job (`make demo`), end to end on CPU in about 11 minutes on 2 cores (`make demo METHOD=ffc`: 6):
 #   1. draw synthetic identities and pack them as InsightFace RecordIO (train.rec/.idx/property) plus
 #      holdout.bin, pairs of identities that training never sees (tools/make_synthetic.py);
 #   2. train a MobileFaceNet with Partial FC (2 Horovod ranks over Gloo, half the centres sampled per step),
 #      or with METHOD=ffc (`make demo METHOD=ffc`) with FFC (a queue of a third of the identities, an EMA
-#      gallery net, id + instance loaders), verifying on holdout.bin as it goes;
+#      gallery net, id + instance loaders); every training setting comes from the method's demo preset;
 #   3. evaluate the exported legacy checkpoint (symbol json + params) with eval/verification.py;
 #   4. evaluate it on a synthetic IJB-C-layout set of 100 more unseen identities (tools/make_synthetic_ijb.py,
 #      eval/ijb.py: template verification, TAR@FAR);
@@ -13,23 +13,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-METHOD=${METHOD:-pfc}                 # pfc (Partial FC) | ffc (FFC: dynamic class queue + EMA gallery net)
+METHOD=${METHOD:-pfc}                 # a training method: pfc (Partial FC) | ffc (FFC) | any registered one
 OUT=${DEMO_OUT:-demo_output}
 IDENTITIES=${DEMO_IDENTITIES:-300}
 IMAGES=${DEMO_IMAGES:-20}
 RANKS=${DEMO_RANKS:-2}
 MIN_ACCURACY=${DEMO_MIN_ACCURACY:-0.90}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MXNET_CPU_WORKER_NTHREADS=1
-# per method: preset, output folder, epochs, batch per rank, steps between verifications / checkpoints
-case "$METHOD" in
-    pfc) DATASET=synthetic; MODEL="$OUT/model"; TAG=""; EPOCHS=${DEMO_EPOCHS:-1}; BATCH=${DEMO_BATCH:-32}
-         EVERY=47 ;;
-    # an FFC step costs about 4 PFC steps (two probe passes of 1.5 B rows, two gallery forwards): a third of an
-    # epoch of the instance loader, whose 32 steps show the probe 3 x 2 x 32 x 32 = 6144 images
-    ffc) DATASET=synthetic_ffc; MODEL="$OUT/model_ffc"; TAG="_ffc"; EPOCHS=${DEMO_EPOCHS:-0.35}
-         BATCH=${DEMO_BATCH:-32}; EVERY=16 ;;
-    *) echo "demo: METHOD must be pfc or ffc, got $METHOD" >&2; exit 2 ;;
-esac
+# Every training setting of a method's demo lives in its demo preset: recognition/configs/synthetic.py for
+# Partial FC, recognition/configs/synthetic_<method>.py for any other method (which also names the outputs:
+# model_<method>, verification_<method>.json, ...). A new method needs a preset, no edit here.
+if [ "$METHOD" = pfc ]; then PRESET=synthetic; TAG=""; else PRESET="synthetic_$METHOD"; TAG="_$METHOD"; fi
+if [ ! -f "recognition/configs/$PRESET.py" ]; then
+    echo "demo: METHOD=$METHOD has no demo preset recognition/configs/$PRESET.py" >&2; exit 2
+fi
+MODEL="$OUT/model$TAG"
+OVERRIDES=()                          # optional: DEMO_EPOCHS, DEMO_BATCH (per rank) replace the preset's
+if [ -n "${DEMO_EPOCHS:-}" ]; then OVERRIDES+=(--num-epochs "$DEMO_EPOCHS"); fi
+if [ -n "${DEMO_BATCH:-}" ]; then OVERRIDES+=(--batch-size "$DEMO_BATCH"); fi
 
 start=$(date +%s)
 if [ ! -f "$OUT/data/holdout.bin" ]; then
@@ -40,12 +41,11 @@ else
     echo "demo [1/5]: reusing $OUT/data"
 fi
 
-echo "demo [2/5]: training with $METHOD on $RANKS ranks (horovodrun --gloo), $EPOCHS epochs -> $MODEL"
+echo "demo [2/5]: training with $METHOD (preset $PRESET) on $RANKS ranks (horovodrun --gloo) -> $MODEL"
 rm -rf "$MODEL"
 horovodrun -np "$RANKS" -H "localhost:$RANKS" --gloo \
-    python recognition/train.py --dataset "$DATASET" --data-dir "$OUT/data" --output "$MODEL" \
-        --batch-size "$BATCH" --num-epochs "$EPOCHS" --lr 0.2 --warmup-epochs 0.1 \
-        --preprocess-threads 1 --frequent 10 --verbose "$EVERY" --checkpoint-every "$EVERY"
+    python recognition/train.py --dataset "$PRESET" --method "$METHOD" --data-dir "$OUT/data" --output "$MODEL" \
+        "${OVERRIDES[@]}"
 
 echo "demo [3/5]: verification of the exported checkpoint"
 last=$(ls "$MODEL"/model-*.params | sort | tail -n 1)
