@@ -1,0 +1,198 @@
+"""Which kernel (``products.KERNELS``) runs each of the CPU head's three matrix products, picked by timing them
+once at the step's real shapes, or forced.
+
+The fastest kernel depends on the CPU: numpy's OpenBLAS may be the fastest for one product on one machine and
+fall back to a generic core, several times slower, on another (``utils/blas_check.py``); oneDNN and MXNet's own
+OpenBLAS differ per product too. So the head's first step times every candidate at its batch B and width D on
+a slice of its k sampled rows (``TIMED_FLOATS``, the products are linear in k), within about a second, and
+keeps the fastest of each product; the choice is logged once. Every candidate is exact to float32 rounding,
+but they round differently, so runs with different choices differ in the last bits.
+
+The environment variable ``PFC_CPU_PRODUCTS`` forces kernels (tests, benchmarks, bit-reproducible runs):
+
+    auto                                   time the candidates (the default)
+    onednn | dot | numpy                   every product with this kernel
+    logits=K,embedding=K,centre=K          per product (K a kernel or auto; a product left out is auto)
+
+numpy's BLAS is a candidate only where its OpenBLAS runs a core made for this CPU (``numpy_blas_problem``);
+forcing it elsewhere is an error. The oneDNN embedding gradient is the backward of the oneDNN logits, so it
+goes with them only. Below ``MIN_TIMED_FLOATS`` (k x D) the products take a millisecond or so, timing them
+would measure noise, and oneDNN runs them (the tests' tiny heads stay bit-identical to the oneDNN runs).
+"""
+import logging
+import os
+import time
+
+import numpy as np
+
+from recognition.partial_fc import products
+from recognition.partial_fc.products import KERNELS
+from utils.blas_check import cpu_model, cpu_vector_level, generic_blas_libraries
+
+ENV = "PFC_CPU_PRODUCTS"
+PRODUCTS = ("logits", "embedding", "centre")
+DEFAULT = "onednn"
+MIN_TIMED_FLOATS = 1 << 20      # k x D below 4 MB: oneDNN, untimed
+TIMED_FLOATS = 1 << 23          # the k x D slice timed: 32 MB, 16,384 rows at D 512
+BUDGET_S = 1.0                  # timed rounds stop when the next one would end past this
+MAX_ROUNDS = 3                  # timed rounds after the warm-up round (each candidate's best one counts)
+
+
+def parse_setting(text):
+    """{product: kernel or 'auto'} from a ``PFC_CPU_PRODUCTS`` value (see the module docstring)."""
+    text = (text or "auto").strip().lower()
+    choices = KERNELS + ("auto",)
+    if "=" not in text:
+        if text not in choices:
+            raise ValueError("%s must be one of %s, or product=kernel pairs, got %r"
+                             % (ENV, ", ".join(choices), text))
+        return {product: text for product in PRODUCTS}
+    setting = dict.fromkeys(PRODUCTS, "auto")
+    for item in text.split(","):
+        product, _, kernel = (part.strip() for part in item.partition("="))
+        if product not in PRODUCTS or kernel not in choices:
+            raise ValueError("%s: %r is not product=kernel with product one of %s and kernel one of %s"
+                             % (ENV, item, ", ".join(PRODUCTS), ", ".join(choices)))
+        setting[product] = kernel
+    if setting["embedding"] == "onednn" and setting["logits"] not in ("onednn", "auto"):
+        raise ValueError("%s: the oneDNN embedding gradient is the backward of the oneDNN logits, got logits=%s"
+                         % (ENV, setting["logits"]))
+    return setting
+
+
+def numpy_blas_problem(pools=None, level=None):
+    """Why numpy's BLAS may not be used here (a sentence), or None when its library runs a core made for this
+    CPU. ``pools`` / ``level``: ``threadpoolctl.threadpool_info()`` and ``blas_check.cpu_vector_level()``
+    (read from this process when not given)."""
+    if pools is None:
+        try:
+            import threadpoolctl
+        except ImportError:
+            return "threadpoolctl is not installed, so numpy's BLAS core is unknown"
+        pools, level = threadpoolctl.threadpool_info(), cpu_vector_level()
+    mine = [pool for pool in pools if pool.get("user_api") == "blas" and "numpy" in (pool.get("filepath") or "")]
+    if not mine:
+        return "numpy's BLAS library was not found in this process"
+    slow = generic_blas_libraries(mine, level)
+    if slow:
+        return ("numpy's OpenBLAS (%s) runs the generic core %r on this %s CPU"
+                % (slow[0].get("filepath"), slow[0].get("architecture"), (level or "?").upper()))
+    return None
+
+
+def allowed_kernels(setting, numpy_problem):
+    """{product: candidate kernels} of a parsed setting; raises when it forces numpy and numpy_problem is set."""
+    allowed = {}
+    for product in PRODUCTS:
+        kernel = setting[product]
+        if kernel == "numpy" and numpy_problem:
+            raise ValueError("%s asks for numpy's BLAS for the %s product, but %s: use onednn, dot or auto"
+                             % (ENV, product, numpy_problem))
+        if kernel != "auto":
+            allowed[product] = (kernel,)
+        else:
+            allowed[product] = tuple(k for k in KERNELS if not (k == "numpy" and numpy_problem))
+    if setting["logits"] not in ("onednn", "auto"):      # the oneDNN embedding gradient needs the oneDNN logits
+        allowed["embedding"] = tuple(k for k in allowed["embedding"] if k != "onednn")
+    return allowed
+
+
+def pick(allowed, seconds=None):
+    """{product: kernel}: the fastest allowed kernel of each product by ``seconds`` ({product: {kernel: s}}),
+    the logits and embedding kernels as a pair (the oneDNN embedding gradient only with the oneDNN logits);
+    without times, the first allowed kernel in ``KERNELS`` order (oneDNN first)."""
+    def cost(product, kernel):
+        return 0.0 if seconds is None else seconds[product].get(kernel, 0.0)
+    pairs = [(l, e) for l in allowed["logits"] for e in allowed["embedding"] if not (e == "onednn" and l != "onednn")]
+    if not pairs:
+        raise ValueError("no kernel pair for the logits %s and the embedding gradient %s"
+                         % (allowed["logits"], allowed["embedding"]))
+    order = {k: i for i, k in enumerate(KERNELS)}
+    logits, embedding = min(pairs, key=lambda p: (cost("logits", p[0]) + cost("embedding", p[1]),
+                                                  order[p[0]], order[p[1]]))
+    centre = min(allowed["centre"], key=lambda k: (cost("centre", k), order[k]))
+    return {"logits": logits, "embedding": embedding, "centre": centre}
+
+
+def time_candidates(batch, rows, dim, kernels, block_rows, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
+    """{product: {kernel: best seconds}} of each kernel in ``kernels`` at (batch, rows, dim), the centre
+    gradient in blocks of ``block_rows`` as the update runs it; one warm-up round (oneDNN builds its primitives,
+    buffers get their pages), then up to ``rounds`` timed rounds while they fit in ``budget_s``."""
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, dim), dtype=np.float32)
+    unit = rng.standard_normal((rows, dim), dtype=np.float32)
+    out = np.empty((batch, rows), np.float32)
+    centre_out = np.empty((min(block_rows, rows), dim), np.float32)
+    scratch = np.empty((min(block_rows, rows), batch), np.float32)
+    best = {product: {k: float("inf") for k in kernels} for product in PRODUCTS}
+    for done in range(rounds + 1):
+        round_start = time.perf_counter()
+        for kernel in kernels:
+            t0 = time.perf_counter()
+            product = products.LogitsProduct(x, unit, out, logits=kernel, embedding=kernel)
+            t1 = time.perf_counter()
+            product.data_grad()             # on the logits as they are: any values time the same
+            t2 = time.perf_counter()
+            centre = products.CentreProduct(x, kernel)
+            for lo in range(0, rows, block_rows):
+                hi = min(lo + block_rows, rows)
+                centre.block(out, lo, hi, scratch, centre_out[:hi - lo])
+            t3 = time.perf_counter()
+            if done:                        # round 0 is the warm-up
+                for name, seconds in zip(PRODUCTS, (t1 - t0, t2 - t1, t3 - t2)):
+                    best[name][kernel] = min(best[name][kernel], seconds)
+        now = time.perf_counter()
+        if done and now - start + (now - round_start) > budget_s:
+            break
+    return best
+
+
+class ProductChoice:
+    """The kernel of each product (``kernels``: {product: kernel}), how it was reached (``how``: 'forced',
+    'untimed' or 'timed'), the timings in ms at ``timed_rows`` rows when timed, and the seconds it took."""
+
+    def __init__(self, kernels, how, ms=None, timed_rows=0, seconds=0.0):
+        self.kernels, self.how, self.ms, self.timed_rows, self.seconds = dict(kernels), how, ms, timed_rows, seconds
+
+    def __getitem__(self, product):
+        return self.kernels[product]
+
+    def describe(self, batch, k, dim):
+        """One line for the log."""
+        head = "Partial FC products on %s (B %d, D %d, k %d): " % (cpu_model(), batch, dim, k)
+        if self.how != "timed":
+            return head + ", ".join("%s %s" % kv for kv in self.kernels.items()) + " (%s)" % (
+                "forced by %s" % ENV if self.how == "forced" else "too small to time")
+        parts = []
+        for product in PRODUCTS:
+            times = ", ".join("%s %.1f" % (kernel, ms) for kernel, ms in self.ms[product].items())
+            parts.append("%s %s [%s ms]" % (product, self.kernels[product], times))
+        return head + "; ".join(parts) + " (timed at %d rows in %.2f s)" % (self.timed_rows, self.seconds)
+
+
+def resolve(setting=None, pools=None, level=None):
+    """{product: candidate kernels} of a ``PFC_CPU_PRODUCTS`` value (None: the environment's, else auto), numpy
+    left out where its BLAS runs a generic core (``pools`` / ``level``: see ``numpy_blas_problem``). Raises
+    ValueError for a bad value, or one that forces numpy's BLAS where it runs a generic core."""
+    parsed = parse_setting(os.environ.get(ENV, "auto") if setting is None else setting)
+    wants_numpy = any(kernel in ("numpy", "auto") for kernel in parsed.values())
+    return allowed_kernels(parsed, numpy_blas_problem(pools, level) if wants_numpy else None)
+
+
+def choose(batch, k, dim, block_rows, allowed, log=None):
+    """The ``ProductChoice`` among ``allowed`` (``resolve``) for a head with global batch ``batch``, ``k`` sampled
+    rows of width ``dim`` and centre-gradient blocks of ``block_rows`` rows; logs it once."""
+    start = time.perf_counter()
+    if all(len(kernels) == 1 for kernels in allowed.values()):
+        choice = ProductChoice(pick(allowed), "forced")
+    elif k * dim < MIN_TIMED_FLOATS:
+        choice = ProductChoice(pick(allowed), "untimed")
+    else:
+        rows = min(k, max(block_rows, TIMED_FLOATS // dim))
+        kernels = tuple(kernel for kernel in KERNELS if any(kernel in allowed[p] for p in PRODUCTS))
+        seconds = time_candidates(batch, rows, dim, kernels, min(block_rows, rows))
+        ms = {p: {kernel: 1000.0 * seconds[p][kernel] for kernel in allowed[p]} for p in PRODUCTS}
+        choice = ProductChoice(pick(allowed, seconds), "timed", ms, rows, time.perf_counter() - start)
+    (log or logging.getLogger("recognition.train")).info(choice.describe(batch, k, dim))
+    return choice
