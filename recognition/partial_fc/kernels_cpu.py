@@ -40,12 +40,12 @@ class CPUKernels(HeadKernels):
         """Logits z = s * cos straight from the product (the scale rides on the (B, D) embeddings), softmax of
         each row by oneDNN, gradients with respect to z; see ``products.py`` for the layouts."""
         batch, k = xn.shape[0], wn.shape[0]
-        if self.choice is None:         # the first step: time the products' kernels at these shapes
-            self.choice = product_choice.choose(batch, k, xn.shape[1], max(1, UPDATE_BLOCK_FLOATS // xn.shape[1]),
-                                                self._candidates)
-            clock.tick("product_choice")
         scale = np.float32(self.scale)
         x_scaled = xn * scale
+        if self.choice is None:         # the first step: time the products' kernels on its operands
+            self.choice = product_choice.choose(x_scaled, wn, max(1, UPDATE_BLOCK_FLOATS // xn.shape[1]),
+                                                self._candidates)
+            clock.tick("product_choice")
         logits = self._workspace.get("logits", (batch, k))
         product = products.LogitsProduct(x_scaled, wn, logits, self.choice["logits"], self.choice["embedding"])
         clock.tick("logits_gemm")

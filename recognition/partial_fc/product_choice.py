@@ -1,11 +1,11 @@
 """Which kernel (``products.KERNELS``) runs each of the CPU head's three matrix products, picked by timing them
-once at the step's real shapes, or forced.
+once at the step's real shapes and operands, or forced.
 
 The fastest kernel depends on the CPU: numpy's OpenBLAS may be the fastest for one product on one machine and
 fall back to a generic core, several times slower, on another (``utils/blas_check.py``); oneDNN and MXNet's own
-OpenBLAS differ per product too. So the head's first step times every candidate at its batch B and width D on
-a slice of its k sampled rows (``TIMED_FLOATS``, the products are linear in k), within about a second, and
-keeps the fastest of each product; the choice is logged once. Every candidate is exact to float32 rounding,
+OpenBLAS differ per product too. So the head's first step times every candidate on its own embeddings (B x D) and
+the first rows of its k sampled centres (``TIMED_FLOATS``: the products are linear in k), within about a second,
+and keeps the fastest of each product; the choice is logged once. Every candidate is exact to float32 rounding,
 but they round differently, so runs with different choices differ in the last bits.
 
 The environment variable ``PFC_CPU_PRODUCTS`` forces kernels (tests, benchmarks, bit-reproducible runs):
@@ -33,7 +33,7 @@ ENV = "PFC_CPU_PRODUCTS"
 PRODUCTS = ("logits", "embedding", "centre")
 DEFAULT = "onednn"
 MIN_TIMED_FLOATS = 1 << 20      # k x D below 4 MB: oneDNN, untimed
-TIMED_FLOATS = 1 << 23          # the k x D slice timed: 32 MB, 16,384 rows at D 512
+TIMED_FLOATS = 1 << 22          # the k x D slice timed: 16 MB, 8,192 rows at D 512
 BUDGET_S = 1.0                  # timed rounds stop when the next one would end past this
 MAX_ROUNDS = 3                  # timed rounds after the warm-up round (each candidate's best one counts)
 
@@ -114,14 +114,13 @@ def pick(allowed, seconds=None):
     return {"logits": logits, "embedding": embedding, "centre": centre}
 
 
-def time_candidates(batch, rows, dim, kernels, block_rows, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
-    """{product: {kernel: best seconds}} of each kernel in ``kernels`` at (batch, rows, dim), the centre
-    gradient in blocks of ``block_rows`` as the update runs it; one warm-up round (oneDNN builds its primitives,
-    buffers get their pages), then up to ``rounds`` timed rounds while they fit in ``budget_s``."""
+def time_candidates(x, unit, kernels, block_rows, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
+    """{product: {kernel: best seconds}} of each kernel in ``kernels`` on the (B x D) ``x`` and the (rows x D)
+    ``unit``, the centre gradient in blocks of ``block_rows`` as the update runs it; one warm-up round (oneDNN
+    builds its primitives, buffers get their pages), then up to ``rounds`` timed rounds while they fit in
+    ``budget_s``."""
     start = time.perf_counter()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, dim), dtype=np.float32)
-    unit = rng.standard_normal((rows, dim), dtype=np.float32)
+    (batch, dim), rows = x.shape, unit.shape[0]
     out = np.empty((batch, rows), np.float32)
     centre_out = np.empty((min(block_rows, rows), dim), np.float32)
     scratch = np.empty((min(block_rows, rows), batch), np.float32)
@@ -180,10 +179,12 @@ def resolve(setting=None, pools=None, level=None):
     return allowed_kernels(parsed, numpy_blas_problem(pools, level) if wants_numpy else None)
 
 
-def choose(batch, k, dim, block_rows, allowed, log=None):
-    """The ``ProductChoice`` among ``allowed`` (``resolve``) for a head with global batch ``batch``, ``k`` sampled
-    rows of width ``dim`` and centre-gradient blocks of ``block_rows`` rows; logs it once."""
+def choose(x, unit, block_rows, allowed, log=None):
+    """The ``ProductChoice`` among ``allowed`` (``resolve``) for a head's step on the (B x D) embeddings ``x``
+    and its (k x D) sampled unit centres ``unit`` (read only), with centre-gradient blocks of ``block_rows`` rows;
+    logs it once."""
     start = time.perf_counter()
+    (batch, dim), k = x.shape, unit.shape[0]
     if all(len(kernels) == 1 for kernels in allowed.values()):
         choice = ProductChoice(pick(allowed), "forced")
     elif k * dim < MIN_TIMED_FLOATS:
@@ -191,7 +192,7 @@ def choose(batch, k, dim, block_rows, allowed, log=None):
     else:
         rows = min(k, max(block_rows, TIMED_FLOATS // dim))
         kernels = tuple(kernel for kernel in KERNELS if any(kernel in allowed[p] for p in PRODUCTS))
-        seconds = time_candidates(batch, rows, dim, kernels, min(block_rows, rows))
+        seconds = time_candidates(x, unit[:rows], kernels, min(block_rows, rows))
         ms = {p: {kernel: 1000.0 * seconds[p][kernel] for kernel in allowed[p]} for p in PRODUCTS}
         choice = ProductChoice(pick(allowed, seconds), "timed", ms, rows, time.perf_counter() - start)
     (log or logging.getLogger("recognition.train")).info(choice.describe(batch, k, dim))

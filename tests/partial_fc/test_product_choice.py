@@ -67,7 +67,7 @@ def test_tiny_heads_run_onednn_untimed(caplog):
     """The tests' tiny heads (the golden runs) are too small to time: oneDNN, as before the choice existed."""
     from recognition.partial_fc.product_choice import choose, resolve
     with caplog.at_level(logging.INFO, logger="recognition.train"):
-        choice = choose(8, 5, 16, 4096, resolve("auto"))
+        choice = choose(np.ones((8, 16), np.float32), np.ones((5, 16), np.float32), 4096, resolve("auto"))
     assert choice.how == "untimed" and choice.kernels == dict.fromkeys(("logits", "embedding", "centre"), "onednn")
     assert "too small to time" in caplog.text
 
@@ -79,7 +79,9 @@ def test_timed_choice_is_the_fastest_measured(monkeypatch, caplog):
     monkeypatch.setattr(product_choice, "TIMED_FLOATS", 300 * 16)
     allowed = resolve("auto")
     with caplog.at_level(logging.INFO, logger="recognition.train"):
-        choice = choose(8, 1000, 16, 128, allowed)
+        rng = np.random.default_rng(0)
+        choice = choose(rng.standard_normal((8, 16), dtype=np.float32),
+                        rng.standard_normal((1000, 16), dtype=np.float32), 128, allowed)
     assert choice.how == "timed" and choice.timed_rows == 300
     for product, kernels in allowed.items():
         assert set(choice.ms[product]) == set(kernels)
