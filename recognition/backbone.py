@@ -15,7 +15,9 @@ import mxnet as mx
 
 from recognition import dist
 from recognition.loss_scale import DynamicLossScaler
-from recognition.pretrained import load_pretrained, on_every_rank
+from recognition.dist import on_every_rank
+from recognition.pretrained import load_pretrained
+from recognition.pretrained_graph import backbone_options, startup_check
 
 log = logging.getLogger("recognition.train")
 
@@ -23,10 +25,14 @@ IMAGE_SHAPE = (3, 112, 112)
 
 
 def build_symbol(cfg):
-    """The backbone symbol the config names (embedding output ``fc1``)."""
+    """The backbone symbol the config names (embedding output ``fc1``); with ``--pretrained``, as the checkpoint's
+    graph has its layers where it differs (``pretrained_graph.backbone_options``)."""
     import symbols
-    return symbols.get_symbol(cfg.network, embedding_size=cfg.embedding_size, fp16=cfg.fp16, dropout=cfg.dropout,
-                              act_type=cfg.act_type)
+    options = dict(embedding_size=cfg.embedding_size, fp16=cfg.fp16, dropout=cfg.dropout, act_type=cfg.act_type,
+                   bn_eps=cfg.bn_eps)
+    if cfg.pretrained:
+        options = on_every_rank(lambda: backbone_options(cfg.pretrained, cfg.network, options), "backbone graph")
+    return symbols.get_symbol(cfg.network, **options)
 
 
 def broadcast_params(arg, aux, prefix):
@@ -59,11 +65,15 @@ class Backbone:
         mx.random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         module.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
-        if cfg.get("pretrained"):   # before any training method sees the backbone (FFC copies it at attach)
+        self.pretrained_check = None
+        if cfg.pretrained:   # before any training method sees the backbone (FFC copies it at attach)
             arg, aux = module.get_params()
-            partial = bool(cfg.get("pretrained_partial"))
-            on_every_rank(lambda: load_pretrained(cfg.pretrained, arg, aux, partial, cfg.network), "backbone")
+            partial = bool(cfg.pretrained_partial)
+            match = on_every_rank(lambda: load_pretrained(cfg.pretrained, arg, aux, partial, cfg.network), "backbone")
             module.set_params(arg, aux)
+            # rank 0 runs the file's own graph against the backbone: the figure tools/check_pretrained.py prints
+            self.pretrained_check = on_every_rank(lambda: startup_check(cfg.pretrained, match, self.symbol, arg, aux,
+                                                                        ctx), "pretrained check")
         if self.size > 1:   # identical start everywhere, whatever each rank's initialiser did
             arg, aux = module.get_params()
             broadcast_params(arg, aux, prefix="")

@@ -7,12 +7,17 @@ file, and renamed into place; ``latest_complete`` only returns marked folders, n
 Multi-rank use:   rank 0: tmp = prepare_dir(final); barrier; every rank writes into staging_dir(final);
                   barrier; rank 0: commit_dir(tmp, final).
 Single process:   with atomic_dir(final) as tmp: write files into tmp.
+
+The COMPLETE marker holds the folder's manifest: every file's size and CRC-32, so a file damaged after the
+checkpoint was written (a truncated copy, a bad disk) is found before it is loaded (``verify_files``).
 """
 import contextlib
 import fnmatch
+import json
 import os
 import re
 import shutil
+import zlib
 
 from utils.fileio import TMP_SUFFIX, atomic_save_ndarrays, atomic_write_bytes, fsync_path
 
@@ -56,15 +61,43 @@ def prepare_dir(final_dir):
     return tmp
 
 
-def commit_dir(tmp_dir, final_dir):
-    """Make the fully written ``tmp_dir`` visible as ``final_dir``: fsync its files, write the COMPLETE marker,
-    rename. An older ``final_dir`` is first moved to ``final_dir.old`` (a crash between the two renames leaves
-    that complete folder, which ``latest_complete`` still finds) and deleted once the new one is in place."""
+def file_checksum(path, chunk=1 << 24):
+    """(size in bytes, CRC-32) of a file."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return size, crc
+            crc, size = zlib.crc32(block, crc), size + len(block)
+
+
+def folder_files(folder):
+    """The files under ``folder`` (relative paths, sorted), the COMPLETE marker excluded."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs.sort()
+        found += [os.path.relpath(os.path.join(parent, name), folder) for name in files]
+    return sorted(f for f in found if f != COMPLETE)
+
+
+def checksums(folder, names):
+    """{name: [size, crc32]} of the files ``names`` (relative to ``folder``)."""
+    return {name: list(file_checksum(os.path.join(folder, name))) for name in names}
+
+
+def commit_dir(tmp_dir, final_dir, manifest=None):
+    """Make the fully written ``tmp_dir`` visible as ``final_dir``: fsync its files, write the COMPLETE marker
+    with the manifest (``checksums`` of every file; computed here when not given), rename. An older
+    ``final_dir`` is first moved to ``final_dir.old`` (a crash between the two renames leaves that complete
+    folder, which ``latest_complete`` still finds) and deleted once the new one is in place."""
     for folder, _, files in os.walk(tmp_dir):
         for name in files:
             fsync_path(os.path.join(folder, name))
         fsync_path(folder, directory=True)
-    atomic_write_bytes(os.path.join(tmp_dir, COMPLETE), b"")
+    if manifest is None:
+        manifest = checksums(tmp_dir, folder_files(tmp_dir))
+    atomic_write_bytes(os.path.join(tmp_dir, COMPLETE), json.dumps({"files": manifest}, sort_keys=True).encode())
     final_dir = os.path.normpath(final_dir)
     old = final_dir + _OLD
     if os.path.exists(final_dir):
@@ -73,6 +106,39 @@ def commit_dir(tmp_dir, final_dir):
     os.replace(tmp_dir, final_dir)
     fsync_path(os.path.dirname(os.path.abspath(final_dir)), directory=True)
     remove_dir(old)
+
+
+def read_manifest(folder):
+    """{name: [size, crc32]} of a committed folder, or None for a folder committed before manifests existed (an
+    empty marker). A marker that is not a manifest raises ValueError naming it."""
+    path = os.path.join(folder, COMPLETE)
+    with open(path, "rb") as f:
+        text = f.read()
+    if not text:
+        return None
+    try:
+        files = json.loads(text.decode("utf-8"))["files"]
+        return {str(k): [int(v[0]), int(v[1])] for k, v in files.items()}
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        raise ValueError("%s is not a checkpoint manifest (damaged)" % path) from None
+
+
+def verify_files(folder, manifest, names):
+    """Problems (messages naming the file) of the files ``names`` of ``folder`` against ``manifest``."""
+    problems = []
+    for name in names:
+        path = os.path.join(folder, name)
+        want_size, want_crc = manifest[name]
+        if not os.path.isfile(path):
+            problems.append("%s is missing" % path)
+            continue
+        size, crc = file_checksum(path)
+        if size != want_size:
+            problems.append("%s has %d bytes, %d when written" % (path, size, want_size))
+        elif crc != want_crc:
+            problems.append("%s does not match its checksum (CRC-32 %08x, %08x when written)" % (path, crc,
+                                                                                                 want_crc))
+    return problems
 
 
 @contextlib.contextmanager
@@ -93,12 +159,12 @@ def _natural_key(name):
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
-def latest_complete(root, pattern="*"):
-    """The newest complete checkpoint folder under ``root`` whose name matches the glob ``pattern`` (newest by
-    name, digit runs compared as numbers), or None. Complete means committed with its COMPLETE marker; staging
-    (``.tmp``) folders are ignored, and a ``NAME.old`` left by a crash mid-commit stands in for a missing NAME."""
+def complete_folders(root, pattern="*"):
+    """The complete checkpoint folders under ``root`` whose names match the glob ``pattern``, newest first (by
+    name, digit runs compared as numbers). Complete means committed with its COMPLETE marker; staging (``.tmp``)
+    folders are ignored, and a ``NAME.old`` left by a crash mid-commit stands in for a missing NAME."""
     if not os.path.isdir(root):
-        return None
+        return []
     found = {}
     for entry in os.listdir(root):
         name = entry[:-len(_OLD)] if entry.endswith(_OLD) else entry
@@ -109,10 +175,13 @@ def latest_complete(root, pattern="*"):
             continue
         if name not in found or entry == name:      # a committed NAME wins over NAME.old
             found[name] = path
-    if not found:
-        return None
-    return found[max(found, key=_natural_key)]
+    return [found[name] for name in sorted(found, key=_natural_key, reverse=True)]
 
+
+def latest_complete(root, pattern="*"):
+    """The newest of ``complete_folders(root, pattern)``, or None."""
+    folders = complete_folders(root, pattern)
+    return folders[0] if folders else None
 
 
 def save_params(path, arg_params, aux_params):

@@ -5,6 +5,10 @@ each rank its centre shard; rank 0 the backbone, its optimizer state and ``state
 once all have written, so a folder either is complete or does not count. Each one also gives a legacy export
 ``<output>/model-%04d.params`` (+ ``model-symbol.json``), of which the newest ``keep_exports`` are kept; the
 newest ``keep_checkpoints`` states are kept.
+
+Every state carries a manifest (each file's size and CRC-32, ``checkpoint_io``), computed by the ranks together
+when it is written and checked by them together before it is loaded: ``--resume`` takes the newest state that is
+intact, names the damaged ones it skips, and stops with one error when none is.
 """
 import json
 import logging
@@ -49,8 +53,9 @@ class RunCheckpoints:
             fileio.atomic_write_bytes(os.path.join(tmp, OPTIMIZER_FILE), backbone.optimizer_states())
             fileio.atomic_write_bytes(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=1).encode())
         dist.barrier("ckpt.written")
+        manifest = self._shared_checksums(tmp)
         if self.rank == 0:
-            checkpoint_io.commit_dir(tmp, final)
+            checkpoint_io.commit_dir(tmp, final, manifest)
             index = step // self.cfg.checkpoint_every if self.cfg.checkpoint_every else step
             arg, aux = backbone.get_params()
             checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, EXPORT_PREFIX), index, backbone.symbol,
@@ -62,14 +67,56 @@ class RunCheckpoints:
         return final
 
     def latest(self):
-        """The newest complete state folder, or None."""
+        """The newest complete state folder, or None (not checked against its manifest: see ``latest_intact``)."""
         return checkpoint_io.latest_complete(self.root, "step_*")
+
+    def latest_intact(self):
+        """The newest complete state folder whose files match its manifest (a collective: every rank checks a
+        share of the files, all agree), or None when there is no state at all. Damaged newer states are named in
+        a warning and skipped; when every state is damaged, ValueError lists what is wrong with each."""
+        candidates = dist.allgather_object(checkpoint_io.complete_folders(self.root, "step_*"), "ckpt.list")[0]
+        damaged = []
+        for folder in candidates:
+            try:
+                manifest = checkpoint_io.read_manifest(folder)
+                names = sorted(manifest) if manifest is not None else []
+                mine = names[self.rank::dist.size()]
+                problems = checkpoint_io.verify_files(folder, manifest, mine) if mine else []
+            except (OSError, ValueError) as err:
+                problems = [str(err)]
+            problems = sorted({p for every in dist.allgather_object(problems, "ckpt.verify") for p in every})
+            if not problems:
+                if damaged and self.rank == 0:
+                    log.warning("--resume: skipped damaged checkpoint(s) %s; resuming from %s",
+                                ", ".join(f for f, _ in damaged), folder)
+                return folder
+            damaged.append((folder, problems))
+            if self.rank == 0:
+                log.warning("checkpoint %s is damaged and skipped: %s", folder, "; ".join(problems[:5]))
+        if damaged:
+            raise ValueError("--resume: no intact checkpoint under %s: %s" % (self.root, " | ".join(
+                "%s: %s" % (os.path.basename(f), "; ".join(p[:3])) for f, p in damaged)))
+        return None
+
+    def _shared_checksums(self, folder):
+        """The manifest of the staging ``folder``: each rank sums a share of its files (a collective)."""
+        names = dist.allgather_object(checkpoint_io.folder_files(folder) if self.rank == 0 else None,
+                                      "ckpt.files")[0]
+        mine = checkpoint_io.checksums(folder, names[self.rank::dist.size()])
+        manifest = {}
+        for part in dist.allgather_object(mine, "ckpt.sums"):
+            manifest.update(part)
+        return manifest
 
     @staticmethod
     def read_state(folder):
-        with open(os.path.join(folder, STATE_FILE)) as f:
-            state = json.load(f)
-        state.setdefault("method", "pfc")        # checkpoints written before FFC existed
+        path = os.path.join(folder, STATE_FILE)
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            state.setdefault("method", "pfc")        # checkpoints written before FFC existed
+        except (OSError, ValueError, AttributeError) as err:
+            raise ValueError("%s cannot be read: %s" % (path, err)) from None
         return state
 
     @staticmethod

@@ -142,7 +142,15 @@ def build_arg_parser():
     add("--val-dir", help="folder of the .bin verification sets (default: the data folder)")
     add("--val-targets", help="comma-separated .bin names, e.g. lfw,cfp_fp,agedb_30 ('' for none)")
     add("--num-classes", type=int, help="identities of a synthetic-reader preset")
-    add("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    add("--resume", action="store_true", help="continue from the newest intact checkpoint (damaged newer ones "
+        "are named and skipped)")
+    add("--overwrite", action="store_true", help="replace the earlier run in the output folder (its checkpoints, "
+        "exports and log are deleted); without it (or --resume) a folder holding a run is refused")
+    add("--elastic", action="store_true", help="elastic training under horovodrun --min-np N --max-np M "
+        "--host-discovery-script S: after a lost rank the others go on from the last commit; added hosts join at "
+        "the next commit")
+    add("--commit-every", type=int, help="--elastic: commit the training state in memory every N steps (a lost "
+        "rank costs the steps since the last commit)")
     add("--seed", type=int)
     add("--frequent", type=int, help="log a line every N steps")
     add("--verbose", type=int, help="verify every N steps (0: never)")
@@ -156,6 +164,8 @@ def build_arg_parser():
     add("--pretrained-head", help="start the head from this project's checkpoint folder (checkpoints/step_*, "
         "any world size; a checkpoints/ folder means its newest)")
     add("--preprocess-threads", type=int, help="JPEG decoding threads per rank")
+    add("--max-damaged", type=float, help="largest share of damaged records a rank accepts in its part of the "
+        "data set (default 0.01); past it the run stops, naming the file and the first bad records")
     p.method_flags = {}         # config key -> (flag, the method that owns it)
     for cls in registered_methods():
         group = p.add_argument_group("%s (--method %s)" % (cls.__name__, cls.name))
@@ -197,8 +207,9 @@ def finalize(cfg):
     check_range(cfg, "scale", 0.0, low_open=True)
     check_range(cfg, "dropout", 0.0, 1.0)
     check_range(cfg, "bn_eps", 0.0, low_open=True)
+    check_range(cfg, "max_damaged", 0.0, 1.0)
     for key in ("batch_size", "embedding_size", "frequent", "checkpoint_every", "lr_batch_reference",
-                "preprocess_threads", "keep_checkpoints", "val_batch_size", "synthetic_steps"):
+                "preprocess_threads", "keep_checkpoints", "val_batch_size", "synthetic_steps", "commit_every"):
         check_range(cfg, key, 1)
     for key in ("verbose", "warmup_epochs", "seed", "keep_exports", "momentum", "weight_decay", "lr_factor",
                 "lr_power"):

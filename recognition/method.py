@@ -14,9 +14,26 @@ The life of a method in a run, on every rank:
     for batch in method.batches(epoch, start_step):
         loss = method.train_step(backbone, batch, lr, clock)
         method.position(step); method.save(folder)          at checkpoints (every rank calls save)
+        method.snapshot()                    --elastic: at every commit, in memory (every rank, the same step)
     method.close()                           always: at the end, on an error and on SIGTERM
+
+An elastic run (``recognition/elastic.py``) builds a new method for every world it trains on, then gives it the
+last commit: ``method.load_snapshot(shared, rows)``, where ``rows`` holds exactly the rows ``method.shard_rows()``
+names, gathered from the ranks that kept them, whatever the world size that committed them.
 """
 from abc import ABC, abstractmethod
+from typing import NamedTuple
+
+
+class Snapshot(NamedTuple):
+    """A method's state on one rank in host memory (an elastic commit): nothing in it refers to the world size.
+
+    ``shared``: what is identical on every rank, picklable (FFC's queue and gallery: what differs between ranks,
+    such as BatchNorm moving statistics, is taken from rank 0, as a checkpoint does). ``rows``: {name: NumPy array
+    (n, ...)} of this rank's rows ``shard_rows()`` of the tables the method shards over the ranks by rows (Partial
+    FC's centres and their momentum); {} when it shards nothing."""
+    shared: dict
+    rows: dict
 
 
 class TrainingMethod(ABC):
@@ -96,6 +113,23 @@ class TrainingMethod(ABC):
     @abstractmethod
     def load(self, folder):
         """Restore the method's state from a checkpoint folder written on any number of ranks."""
+
+    @abstractmethod
+    def shard_rows(self):
+        """(start, end): the rows of the method's row-sharded tables this rank holds in this world ((0, 0) when it
+        shards nothing); the ranks' ranges tile [0, rows) in rank order."""
+
+    @abstractmethod
+    def snapshot(self):
+        """This rank's state after the last step, as a ``Snapshot`` of host-memory copies (later steps must not
+        change them). Called on every rank at the same step; it may use collectives (e.g. to agree that the
+        method's own queued work finished everywhere)."""
+
+    @abstractmethod
+    def load_snapshot(self, shared, rows):
+        """Restore the state of a ``Snapshot`` taken on any number of ranks: its ``shared`` part, and ``rows``
+        ({name: array}) holding exactly this rank's ``shard_rows()``. Called once, before any step, after
+        ``attach``. Copy what is kept: the snapshot stays the commit a later restart may need again."""
 
     @abstractmethod
     def close(self):

@@ -187,19 +187,3 @@ def head_checkpoint(folder, cfg):
             raise ValueError("--pretrained-head %s: the checkpoint has %s=%r, this run %r"
                              % (folder, key, state.get(key), cfg[key]))
     return folder
-
-
-def on_every_rank(action, what):
-    """``action()`` on every rank; if it raises on any rank, every rank raises (the failing one its own error),
-    so no rank goes on into a collective the others will never join."""
-    error = None
-    try:
-        result = action()
-    except (ValueError, OSError) as err:
-        error = err
-    failed = dist.allreduce(np.array([error is not None], np.int32), name="pretrained." + what, op="max")[0]
-    if error is not None:
-        raise error
-    if failed:
-        raise ValueError("%s failed on another rank (its error is in that rank's output)" % what)
-    return result

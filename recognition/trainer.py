@@ -18,8 +18,10 @@ Backbone before ``attach``) and the method's head from one of this project's che
 (``--pretrained-head``, through ``method.load``); ``--resume`` then takes precedence over both. The method is
 closed (its threads stopped, its files closed) when the run ends, fails or is stopped by a signal.
 """
+import glob
 import json
 import logging
+import math
 import os
 import signal
 import time
@@ -27,16 +29,26 @@ import time
 import numpy as np
 import mxnet as mx
 
-from recognition import checkpoint_io, dist
+from recognition import checkpoint_io, dist, startup_checks
 from recognition.backbone import Backbone
 from recognition.checkpointing import RunCheckpoints
 from recognition.lr_scheduler import build_schedule
+from recognition.method import Snapshot
 from recognition.methods import method_class
-from recognition.pretrained import head_checkpoint, on_every_rank
+from recognition.dist import on_every_rank
+from recognition.pretrained import head_checkpoint
 from recognition.progress import PhaseClock, ProgressLogger
 from utils import fileio
 
 log = logging.getLogger("recognition.train")
+
+ZERO_LOSS_STEPS = 5     # a run whose loss is exactly 0 for its first steps is learning nothing: it stops
+# what a run leaves in its output folder (a second run into the same folder without --resume is refused)
+RUN_FILES = ("checkpoints", "train_log.jsonl", "model-symbol.json", "model-*.params", "best-*", "best.json")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on for a reason the user must fix (bad data, a diverged loss); the same on every rank."""
 
 
 def choose_context(name, local_rank):
@@ -80,13 +92,14 @@ class StopRequest:
 class Trainer:
     """One training run of ``cfg`` (a frozen config) on this rank: ``fit()`` trains, checkpoints and closes."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, claim_output=True):
         self.cfg = cfg
+        self.claim_output = claim_output      # False: a restart of this run in its own folder (--elastic)
         self.rank, self.size = dist.rank(), dist.size()
-        self.ctx, why = choose_context(cfg.ctx, dist.local_rank())
+        self.ctx, why = on_every_rank(lambda: choose_context(cfg.ctx, dist.local_rank()), "choosing the device")
         if self.rank == 0:
             log.info("device: %s on rank 0 (%s)", self.ctx, why)
-        self.method = None
+        self.method = self.verifier = None
         self.closed = False
         try:
             self._build()
@@ -96,7 +109,13 @@ class Trainer:
 
     def _build(self):
         cfg = self.cfg
-        self.method = method_class(cfg.method)(cfg, self.ctx, self.rank, self.size)
+        self.output = cfg.output
+        startup_checks.check_shared_output(cfg.output)
+        if self.claim_output:
+            on_every_rank(self._claim_output, "the output folder")
+        self.method = on_every_rank(lambda: method_class(cfg.method)(cfg, self.ctx, self.rank, self.size),
+                                    "building the %s method (its data readers)" % cfg.method,
+                                    cleanup=lambda method: method.close())
         self.steps_per_epoch = self.method.steps_per_epoch
         if self.steps_per_epoch < 1:
             raise ValueError("the data gives no full batch of %d per rank on %d ranks" % (cfg.batch_size, self.size))
@@ -110,13 +129,51 @@ class Trainer:
             on_every_rank(lambda: self.method.load(folder), "head")
             if self.rank == 0:
                 log.info("--pretrained-head: the %s head starts from %s", cfg.method, folder)
-        self.output = cfg.output
         self.checkpoints = RunCheckpoints(cfg, self.rank)
         self.checkpoint_root = self.checkpoints.root
         self.step = 0
         self.best = None
         self.verifier = None
         self.resumed = False
+        self.loss_seen = False       # a non-zero loss so far
+        # every .bin is read and checked now, not at the first verification (rank 0 verifies)
+        self.val_sets = on_every_rank(self._load_val_sets, "verification sets")
+
+    def _claim_output(self):
+        """Rank 0: refuse an output folder that holds another run, unless --resume continues it or --overwrite
+        replaces it (its checkpoints, exports and log are removed first)."""
+        if self.rank != 0:
+            return
+        cfg = self.cfg
+        if cfg.resume and cfg.overwrite:
+            raise ValueError("--resume continues the run in %s and --overwrite deletes it: give one" % cfg.output)
+        previous = sorted({os.path.basename(p) for pattern in RUN_FILES
+                           for p in glob.glob(os.path.join(glob.escape(cfg.output), pattern))
+                           if not os.path.isdir(p) or os.listdir(p)})
+        if not previous or cfg.resume:
+            return
+        if not cfg.overwrite:
+            raise ValueError("%s holds another run (%s): pass --resume to continue it, --overwrite to replace it, "
+                             "or another --output" % (cfg.output, ", ".join(previous)))
+        log.warning("--overwrite: removing the earlier run's %s from %s", ", ".join(previous), cfg.output)
+        for name in previous:
+            path = os.path.join(cfg.output, name)
+            (checkpoint_io.remove_dir if os.path.isdir(path) else os.remove)(path)
+
+    def _load_val_sets(self):
+        """Rank 0: {name: (images, issame)} of the configured .bin sets; a missing one is skipped with a warning,
+        a damaged one is an error now (before any training)."""
+        if self.rank != 0 or not self.cfg.val_targets:
+            return {}
+        from eval import verification
+        sets = {}
+        for name in self.cfg.val_targets:
+            path = os.path.join(self.cfg.val_dir or self.cfg.data_dir or "", name + ".bin")
+            if not os.path.exists(path):
+                log.warning("verification set %s not found; skipped", path)
+                continue
+            sets[name] = verification.load_bin(path)
+        return sets
 
     @property
     def module(self):
@@ -128,18 +185,20 @@ class Trainer:
         return self.backbone.symbol
 
     # ------------------------------------------------------------------------------------------- loop
-    def fit(self):
+    def fit(self, after_step=None):
         """Train to ``total_steps``; returns the last loss. Exits (non-zero) on SIGTERM / SIGINT after a
-        checkpoint, which every rank agrees on at a step boundary. The method is closed however this ends."""
+        checkpoint, which every rank agrees on at a step boundary. ``after_step(trainer)`` runs after every step,
+        after its checkpoint (--elastic commits there). The method is closed however this ends."""
         try:
-            return self._fit()
+            return self._fit(after_step)
         finally:
             self.close()
 
-    def _fit(self):
+    def _fit(self, after_step=None):
         cfg = self.cfg
         if cfg.resume and not self.resumed:
             self.resume()
+        self.start_step = self.step
         progress = ProgressLogger(self.total_steps, cfg.batch_size * self.size, frequent=cfg.frequent,
                                   log_path=os.path.join(self.output, "train_log.jsonl") if self.rank == 0 else None,
                                   rank=self.rank, start_step=self.step)
@@ -157,6 +216,7 @@ class Trainer:
                     for batch in batches:
                         loss = self.train_step(batch)
                         self.step += 1
+                        self._check_loss(loss)
                         progress.step(self.step, epoch, loss, self.schedule(self.step - 1))
                         signum = stopper.agreed()
                         if signum:
@@ -168,6 +228,8 @@ class Trainer:
                             self.verify(progress)
                         if self.step % cfg.checkpoint_every == 0 or self.step == self.total_steps:
                             self.save_checkpoint()
+                        if after_step is not None:
+                            after_step(self)
                         if self.step >= self.total_steps:
                             break
                 finally:
@@ -179,6 +241,19 @@ class Trainer:
             return loss
         finally:
             stopper.restore()
+
+    def _check_loss(self, loss):
+        """Stop (every rank alike: the loss is global) on a loss that is not finite, and on one that stayed
+        exactly 0 for the first steps (every row ignored: no usable data), before any checkpoint is written."""
+        if not math.isfinite(loss):
+            raise TrainingError("step %d: the loss is %r; stopping before it is saved (a learning rate too high for "
+                                "this batch size, or broken data?)" % (self.step, loss))
+        self.loss_seen = self.loss_seen or loss != 0.0
+        first = self.step - self.start_step
+        if not self.loss_seen and (first >= ZERO_LOSS_STEPS or self.step % self.cfg.checkpoint_every == 0
+                                   or self.step == self.total_steps):
+            raise TrainingError("the loss has been exactly 0 for the first %d step(s): no batch held a usable "
+                                "labelled image (damaged or undecodable data?); nothing was saved" % first)
 
     def train_step(self, batch, phase_times=None):
         """One step of the method on ``batch``; returns the global mean loss.
@@ -215,16 +290,9 @@ class Trainer:
             return None
         from eval import verification
         if self.verifier is None:
-            sets = {}
-            for name in self.cfg.val_targets:
-                path = os.path.join(self.cfg.val_dir or self.cfg.data_dir or "", name + ".bin")
-                if not os.path.exists(path):
-                    log.warning("verification set %s not found; skipped", path)
-                    continue
-                sets[name] = verification.load_bin(path)
             arg, aux = self.backbone.get_params()
             self.verifier = (verification.Embedder(self.symbol, arg, aux, ctx=self.ctx,
-                                                   batch_size=self.cfg.val_batch_size), sets)
+                                                   batch_size=self.cfg.val_batch_size), self.val_sets)
         embedder, sets = self.verifier
         if not sets:
             return None
@@ -251,10 +319,40 @@ class Trainer:
                  "loss_scale": scaler.state_dict() if scaler else None, "time": time.time()}
         return self.checkpoints.save(self.step, self.backbone, self.method, state)
 
+    def snapshot(self):
+        """The whole training state of this rank after ``step`` in host memory (an elastic commit,
+        ``recognition/elastic.py``): a ``method.Snapshot`` whose shared part holds the step, the backbone, its
+        optimizer state, the loss scale and the best verification besides the method's own. A collective: the
+        BatchNorm moving statistics and the best verification differ between ranks and are rank 0's, as in a
+        checkpoint (the live ones stay as they are)."""
+        arg, aux = self.backbone.get_params()
+        aux = {k: dist.broadcast(v, name="snapshot.aux." + k) for k, v in aux.items()}    # all sent, then read
+        aux = {k: v.asnumpy() for k, v in aux.items()}
+        best = float(dist.broadcast(np.array([np.nan if self.best is None else self.best]), "snapshot.best")[0])
+        method = self.method.snapshot()
+        scaler = self.backbone.scaler
+        shared = {"step": self.step, "best": None if np.isnan(best) else best,
+                  "position": self.method.position(self.step), "arg": {k: v.asnumpy() for k, v in arg.items()},
+                  "aux": aux,
+                  "optimizer": self.backbone.optimizer_states(), "loss_scale": scaler.state_dict() if scaler else None,
+                  "method": method.shared}
+        return Snapshot(shared, method.rows)
+
+    def load_snapshot(self, shared, rows):
+        """Continue from a ``snapshot()`` taken on any number of ranks; ``rows`` holds this rank's
+        ``method.shard_rows()`` of it."""
+        nd = lambda arrays: {k: mx.nd.array(v, dtype=v.dtype) for k, v in arrays.items()}
+        self.backbone.set_params(nd(shared["arg"]), nd(shared["aux"]))
+        self.backbone.load_optimizer_states(shared["optimizer"])
+        self.method.load_snapshot(shared["method"], rows)
+        if self.backbone.scaler is not None and shared["loss_scale"]:
+            self.backbone.scaler.load_state_dict(shared["loss_scale"])
+        self.step, self.best, self.resumed = int(shared["step"]), shared["best"], True
+
     def resume(self):
         """Load the newest complete checkpoint under the output folder, if any (re-sharding the centres)."""
         self.resumed = True
-        folder = self.checkpoints.latest()
+        folder = self.checkpoints.latest_intact()
         if folder is None:
             if self.rank == 0:
                 log.info("--resume: no checkpoint under %s; starting from scratch", self.checkpoint_root)

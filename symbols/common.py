@@ -4,15 +4,28 @@ import mxnet as mx
 INPUT_MEAN, INPUT_SCALE = 127.5, 0.0078125      # raw RGB 0..255 -> [-1, 1), inside the graph
 PRELU_INIT = 0.25                                # PyTorch's PReLU default (MXNet's would give a "gamma" 1)
 ACT_TYPES = ("prelu", "prelu_conv", "relu")
+BN_EPS = 2e-5                                    # InsightFace's MXNet backbones (fresnet, symbol_utils' heads)
+BN_LAYER_KEYS = ("eps", "fix_gamma")
 
 
 class Options:
-    """Settings every block reads: BN momentum / eps, activation, fp16."""
+    """Settings every block reads: BN momentum / eps, activation, fp16, and per-layer BN settings.
 
-    def __init__(self, bn_mom=0.9, bn_eps=1e-5, act_type="prelu", fp16=False):
+    bn_layers: {BN layer name: {"eps": float, "fix_gamma": bool}} overriding ``bn_eps`` / the block's fix_gamma
+    for those layers (how ``--pretrained`` rebuilds a network exactly as a checkpoint's graph has it)."""
+
+    def __init__(self, bn_mom=0.9, bn_eps=BN_EPS, act_type="prelu", fp16=False, bn_layers=None):
         if act_type not in ACT_TYPES:
             raise ValueError("act_type must be one of %s, got %r" % (", ".join(ACT_TYPES), act_type))
+        if not bn_eps > 0:
+            raise ValueError("bn_eps must be > 0, got %r" % (bn_eps,))
         self.bn_mom, self.bn_eps, self.act_type, self.fp16 = bn_mom, bn_eps, act_type, fp16
+        self.bn_layers = dict(bn_layers or {})
+        for name, settings in self.bn_layers.items():
+            unknown = set(settings) - set(BN_LAYER_KEYS)
+            if unknown:
+                raise ValueError("bn_layers[%r]: unknown setting(s) %s (known: %s)"
+                                 % (name, ", ".join(sorted(unknown)), ", ".join(BN_LAYER_KEYS)))
 
 
 def normalized_input(opt):
@@ -23,8 +36,11 @@ def normalized_input(opt):
 
 
 def bn(x, name, opt, fix_gamma=False):
-    """BatchNorm with the backbone's momentum / eps (gamma learnt unless fix_gamma)."""
-    return mx.sym.BatchNorm(x, fix_gamma=fix_gamma, eps=opt.bn_eps, momentum=opt.bn_mom, name=name)
+    """BatchNorm with the backbone's momentum / eps (gamma learnt unless fix_gamma); ``opt.bn_layers[name]``
+    overrides eps / fix_gamma of this layer."""
+    layer = opt.bn_layers.get(name, {})
+    return mx.sym.BatchNorm(x, fix_gamma=bool(layer.get("fix_gamma", fix_gamma)), eps=float(layer.get(
+        "eps", opt.bn_eps)), momentum=opt.bn_mom, name=name)
 
 
 def act(x, name, channels, opt):
@@ -68,7 +84,7 @@ def to_float32(x, opt):
     return mx.sym.Cast(x, dtype="float32") if opt.fp16 else x
 
 
-def embedding_head_e(x, embedding_size, dropout, opt, fix_gamma=True):
+def embedding_head_e(x, embedding_size, dropout, opt, fix_gamma=True, fc_bias=True):
     """InsightFace's "E" head: BN -> Dropout -> FC(embedding_size) -> BN (gamma fixed at 1), output fc1.
 
     The trunk's BN and dropout run in the trunk's dtype; the FC and the last BN in float32.
@@ -77,5 +93,5 @@ def embedding_head_e(x, embedding_size, dropout, opt, fix_gamma=True):
     if dropout > 0:
         x = mx.sym.Dropout(x, p=dropout, name="dropout")
     x = to_float32(x, opt)
-    x = mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=embedding_size, name="pre_fc1")
+    x = mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=embedding_size, no_bias=not fc_bias, name="pre_fc1")
     return bn(x, "fc1", opt, fix_gamma=fix_gamma)

@@ -24,7 +24,7 @@ def _block(x, name, channels, stride, shortcut_conv, opt):
     return body + x
 
 
-def iresnet_symbol(depth_name, embedding_size, dropout, opt, fix_gamma=True):
+def iresnet_symbol(depth_name, embedding_size, dropout, opt, fix_gamma=True, fc_bias=True):
     """The IResNet embedding symbol for depth_name in STAGES (output fc1)."""
     x = normalized_input(opt)
     x = act(bn(conv(x, "stem_conv", 64, 3, 1), "stem_bn", opt), "stem_act", 64, opt)
@@ -32,4 +32,4 @@ def iresnet_symbol(depth_name, embedding_size, dropout, opt, fix_gamma=True):
         for unit in range(units):
             first = unit == 0       # every stage opens with stride 2, so its first unit needs the projection
             x = _block(x, "stage%d_unit%d" % (stage + 1, unit + 1), width, 2 if first else 1, first, opt)
-    return embedding_head_e(x, embedding_size, dropout, opt, fix_gamma)
+    return embedding_head_e(x, embedding_size, dropout, opt, fix_gamma, fc_bias)

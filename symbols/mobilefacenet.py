@@ -1,5 +1,8 @@
 """MobileFaceNet (arcface_torch's default variant: width scale 2, blocks (1, 4, 6, 2), GDC head).
 
+Width scale 1 with a biased embedding FC and fc1's gamma fixed is InsightFace's MXNet MobileFaceNet
+(fmobilefacenet, 'GDC' output), the layout of its released models.
+
 Stride-2 stem, grouped/depthwise bottlenecks (1x1 expand -> depthwise 3x3 -> 1x1 linear projection, with an
 identity shortcut in the residual stacks), a 1x1 conv to 512 channels, then the global depthwise (GDC) head:
 depthwise 7x7 -> BN -> flatten -> FC(no bias) -> BN, output named fc1. 2.06 M parameters at 512-d.
@@ -8,7 +11,7 @@ import mxnet as mx
 
 from symbols.common import bn, conv, conv_bn, normalized_input, to_float32
 
-WIDTH_SCALE = 2                 # arcface_torch's default (non-large) variant
+WIDTH_SCALE = 2                 # arcface_torch's default (non-large) variant; InsightFace's MXNet one is 1
 RESIDUAL_UNITS = (4, 6, 2)      # its blocks (1, 4, 6, 2): the leading 1 is the single grouped conv after the stem
 
 
@@ -27,9 +30,10 @@ def _residual(x, name, channels, units, groups, opt):
     return x
 
 
-def mobilefacenet_symbol(embedding_size, dropout, opt, fix_gamma=False):
-    """The MobileFaceNet embedding symbol (output fc1); fp16 covers the stem and bottlenecks, as the original."""
-    narrow, wide = 64 * WIDTH_SCALE, 128 * WIDTH_SCALE                             # 128, 256 channels
+def mobilefacenet_symbol(embedding_size, dropout, opt, fix_gamma=False, width_scale=WIDTH_SCALE, fc_bias=False):
+    """The MobileFaceNet embedding symbol (output fc1); fp16 covers the stem and bottlenecks, as the original.
+    width_scale multiplies the stem and bottleneck outputs (64, 128 channels at 1); the expansions stay."""
+    narrow, wide = 64 * width_scale, 128 * width_scale                             # 128, 256 channels at 2
     x = normalized_input(opt)
     x = conv_bn(x, "stem", narrow, opt, kernel=3, stride=2)                        # 56x56
     x = conv_bn(x, "stem_dw", narrow, opt, kernel=3, stride=1, groups=64)          # the single first "block"
@@ -47,5 +51,5 @@ def mobilefacenet_symbol(embedding_size, dropout, opt, fix_gamma=False):
     x = bn(mx.sym.flatten(x), "gdc_bn", opt)
     if dropout > 0:
         x = mx.sym.Dropout(x, p=dropout, name="dropout")
-    x = mx.sym.FullyConnected(x, num_hidden=embedding_size, no_bias=True, name="pre_fc1")
+    x = mx.sym.FullyConnected(x, num_hidden=embedding_size, no_bias=not fc_bias, name="pre_fc1")
     return bn(x, "fc1", opt, fix_gamma=fix_gamma)

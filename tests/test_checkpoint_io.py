@@ -2,6 +2,7 @@
 the previous checkpoint whole and loadable; legacy checkpoints load with mx.model.load_checkpoint unchanged.
 (Single-file atomic writes: tests/utils/test_fileio.py.)"""
 import os
+import zlib
 
 import mxnet as mx
 import numpy as np
@@ -97,8 +98,16 @@ def test_atomic_dir_commits_and_replaces(tmp_path):
     with cio.atomic_dir(final) as tmp:
         assert tmp == final + ".tmp" and os.path.isdir(tmp)
         write_folder(tmp, "v1")
-    assert read_folder(final) == {"COMPLETE": "", "backbone.params": "v1 backbone.params",
-                                  "shard_0.npy": "v1 shard_0.npy"}
+    folder = read_folder(final)
+    assert folder.pop("COMPLETE") != "" and folder == {"backbone.params": "v1 backbone.params",
+                                                       "shard_0.npy": "v1 shard_0.npy"}
+    assert cio.read_manifest(final) == {name: [len(text), zlib.crc32(text.encode())] for name, text in folder.items()}
+    assert cio.verify_files(final, cio.read_manifest(final), sorted(folder)) == []
+    with open(os.path.join(final, "shard_0.npy"), "w") as f:
+        f.write("v1 shard_0.npX")                       # the same size, another content
+    assert cio.verify_files(final, cio.read_manifest(final), ["shard_0.npy"]) == [
+        "%s does not match its checksum (CRC-32 %08x, %08x when written)" % (
+            os.path.join(final, "shard_0.npy"), zlib.crc32(b"v1 shard_0.npX"), zlib.crc32(b"v1 shard_0.npy"))]
     with cio.atomic_dir(final) as tmp:
         write_folder(tmp, "v2")
     assert read_folder(final)["shard_0.npy"] == "v2 shard_0.npy"

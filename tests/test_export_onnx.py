@@ -1,6 +1,7 @@
 """tools/export_onnx.py and eval/onnx_backend.py: a tiny graph with every repaired op against a NumPy reference
 (and MXNet's unrepaired export failing in ONNX Runtime), backbones with trained-like weights against MXNet,
-the backend's batching and errors, and the CLI.
+insightface.model_zoo's test for a graph that normalises its own input (plain and simplified; graphs in
+InsightFace's own layout), the backend's batching and errors, and the CLI.
 
 CI exports mbf (both activations) and r18 (prelu, the IResNet head and blocks) at batch 1 and 8; the deeper
 IResNets repeat the same blocks. ONNX_ALL_BACKBONES=1 runs every backbone x activation at batch 1 and 8
@@ -130,6 +131,119 @@ def test_simplified_tiny_graph_is_standard_and_equal(tiny_model):
                                rtol=1e-4, atol=1e-4)
 
 
+# -------------------------------------------------------------------------- insightface.model_zoo's reading
+def insightface_takes_raw_pixels(model):
+    """The rule of insightface.model_zoo's ArcFaceONNX (python-package/insightface/model_zoo/arcface_onnx.py):
+    when among the graph's first 8 nodes one name starts with 'Sub' or '_minus' and one with 'Mul' or '_mul', the
+    model normalises its own input and gets the pixels as they are (input_mean 0, input_std 1); otherwise it
+    gets (x - 127.5) / 127.5."""
+    names = [node.name for node in model.graph.node[:8]]
+    return any(n.startswith(("Sub", "_minus")) for n in names) and any(n.startswith(("Mul", "_mul")) for n in names)
+
+
+def insightface_embeddings(model, faces):
+    """What ArcFaceONNX.forward returns for ``faces`` (raw RGB NCHW): its routing (model_zoo.ModelRouter: under 5
+    outputs and a 112 x 112 input, one output) checked, its mean / std chosen by the rule above."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    shape, outputs = session.get_inputs()[0].shape, session.get_outputs()
+    assert len(outputs) == 1 and shape[2] == shape[3] == 112
+    mean, std = (0.0, 1.0) if insightface_takes_raw_pixels(model) else (127.5, 127.5)
+    return session.run([outputs[0].name], {session.get_inputs()[0].name: (faces - mean) / std})[0]
+
+
+def _normalised_input(x, offset_name=None, scale_name=None):
+    if offset_name is None:
+        return (x - 127.5) * 0.0078125
+    x = mx.sym._internal._minus_scalar(x, scalar=127.5, name=offset_name)
+    return mx.sym._internal._mul_scalar(x, scalar=0.0078125, name=scale_name)
+
+
+def side_branch_symbol(normalise, decoys, offset_name=None, scale_name=None):
+    """A graph whose first nodes, in MXNet's order and so in the export's, are a side branch on the raw pixels
+    (with ``decoys``, a Sub and a Mul by constants that MXNet names _minusscalar* / _mulscalar*), before the
+    input's own scaling (when ``normalise``) and the main branch."""
+    data = mx.sym.Variable("data")
+    side = mx.sym.flatten(mx.sym.Pooling(data, global_pool=True, kernel=(1, 1), pool_type="avg", name="side_pool"))
+    side = mx.sym.FullyConnected((side - 0.5) * 2.0 if decoys else side, num_hidden=6, name="side_fc")
+    x = _normalised_input(data, offset_name, scale_name) if normalise else data
+    x = mx.sym.Convolution(x, num_filter=4, kernel=(1, 1), no_bias=True, name="conv")
+    x = mx.sym.FullyConnected(mx.sym.flatten(x), num_hidden=6, name="fc")
+    return mx.sym.elemwise_add(side, mx.sym.BatchNorm(x, fix_gamma=False, eps=EPS, name="bn"), name="out")
+
+
+def _random_params(symbol, size=TINY_SIZE, seed=0):
+    rng = np.random.default_rng(seed)
+    arg_shapes, _, aux_shapes = symbol.infer_shape(data=(1, 3) + size)
+    arg = {n: mx.nd.array(rng.uniform(-1, 1, s)) for n, s in zip(symbol.list_arguments(), arg_shapes) if n != "data"}
+    aux = {n: mx.nd.array(rng.uniform(0.5, 2.0, s)) for n, s in zip(symbol.list_auxiliary_states(), aux_shapes)}
+    return arg, aux
+
+
+def test_insightface_sees_the_normalisation_of_the_tiny_graph(tiny_model):
+    model, arg, aux = tiny_model
+    for graph in (model, export_onnx.simplify(model)):
+        assert insightface_takes_raw_pixels(graph)
+        assert [n.op_type for n in graph.graph.node[:2]] == ["Sub", "Mul"]
+
+
+def test_input_scaling_is_named_and_placed_on_purpose(tmp_path):
+    """Names MXNet would not give (pixel_offset / pixel_scale), after a side branch of 10 exported nodes: MXNet's
+    own export fails the rule, this one meets it, and the embeddings are unchanged."""
+    symbol = side_branch_symbol(True, False, "pixel_offset", "pixel_scale")
+    arg, aux = _random_params(symbol)
+    path = str(tmp_path / "plain.onnx")
+    mx.onnx.export_model(symbol, dict(arg, **aux), [(1, 3) + TINY_SIZE], np.float32, path)
+    names = [node.name for node in onnx.load(path).graph.node]
+    assert names.index("pixel_offset") >= 8 and not insightface_takes_raw_pixels(onnx.load(path))
+    model = export_onnx.export(symbol, arg, aux, image_size=TINY_SIZE)
+    onnx.checker.check_model(model, full_check=True)
+    assert [(n.op_type, n.name) for n in model.graph.node[:2]] == [("Sub", "_minus_input_pixel_offset"),
+                                                                    ("Mul", "_mul_input_pixel_scale")]
+    assert insightface_takes_raw_pixels(model) and insightface_takes_raw_pixels(export_onnx.simplify(model))
+    batch = faces(3)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["fc1_output"], {"data": batch})[0],
+                               export_onnx.mxnet_embeddings(symbol, arg, aux, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_a_graph_without_normalisation_is_not_taken_for_one(tmp_path):
+    """Its first nodes hold a _minusscalar and a _mulscalar that are no input scaling: MXNet's own export passes
+    the rule by those names (insightface would then feed raw pixels to a graph that expects them scaled); this
+    export does not."""
+    symbol = side_branch_symbol(False, True)
+    arg, aux = _random_params(symbol)
+    path = str(tmp_path / "plain.onnx")
+    mx.onnx.export_model(symbol, dict(arg, **aux), [(1, 3) + TINY_SIZE], np.float32, path)
+    assert insightface_takes_raw_pixels(onnx.load(path))
+    model = export_onnx.export(symbol, arg, aux, image_size=TINY_SIZE)
+    assert not insightface_takes_raw_pixels(model)
+    renamed = [n.op_type for n in model.graph.node[:8] if n.name.startswith(("node__minus", "node__mul"))]
+    assert sorted(renamed) == ["Mul", "Sub"]
+    assert not insightface_takes_raw_pixels(export_onnx.simplify(model))
+
+
+@pytest.mark.parametrize("layout", ["fresnet", "fmobilefacenet"])
+def test_insightface_layouts_export_for_model_zoo(layout):
+    """InsightFace's own graphs (fresnet: identity 'id' before the scaling; both: an FC on a 4-D map, no flatten
+    attribute) through the exporter: model_zoo reads them as ArcFaceONNX taking raw pixels, with MXNet's
+    embeddings."""
+    from tests import insightface_graphs as insightface
+
+    def build(bn_mom):
+        if layout == "fresnet":
+            return insightface.fresnet(18, embedding_size=16, bn_mom=bn_mom)
+        return insightface.fmobilefacenet(embedding_size=16, bn_mom=bn_mom)
+    arg, aux = insightface.trained_like(build)
+    symbol = build(0.9)
+    model = export_onnx.export(symbol, arg, aux)
+    first = ["Identity", "Sub", "Mul"] if layout == "fresnet" else ["Sub", "Mul", "Conv"]
+    assert [n.op_type for n in model.graph.node[:3]] == first
+    batch = export_onnx.random_faces(2, (112, 112))
+    expected = export_onnx.mxnet_embeddings(symbol, arg, aux, batch)
+    got = insightface_embeddings(model, batch)
+    assert export_onnx.agreement(expected, got)[1] <= 1e-4
+
+
 # ------------------------------------------------------------------------------------------ backbones
 CI_CASES = [("mbf", "prelu", (1, 8)), ("mbf", "prelu_conv", (1, 8)), ("r18", "prelu", (1, 8))]
 ALL_CASES = [(net, act, (1, 8)) for net in ("r18", "r34", "r50", "r100", "r200", "mbf")
@@ -143,11 +257,12 @@ def test_backbone_export_matches_mxnet(network, act_type, batches):
     model = export_onnx.export(symbol, arg, aux, batch_size=None)
     onnx.checker.check_model(model, full_check=True)
     assert [value.name for value in model.graph.input] == ["data"]
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert insightface_takes_raw_pixels(model)
     for count in batches:                                        # one dynamic model, several batch sizes
         batch = export_onnx.random_faces(count, (112, 112), seed=count)
         expected = export_onnx.mxnet_embeddings(symbol, arg, aux, batch).astype(np.float64)
-        got = session.run(["fc1_output"], {"data": batch})[0].astype(np.float64)
+        # as insightface.model_zoo.get_model runs it (ArcFaceONNX)
+        got = insightface_embeddings(model, batch).astype(np.float64)
         assert got.shape == (count, 512)
         norms = np.linalg.norm(expected, axis=1)
         assert norms.min() > 1.0                                 # a real embedding, not a collapsed one
@@ -224,6 +339,7 @@ def test_cli_exports_checks_and_writes(tiny_checkpoint, tmp_path, batch_flag, si
     out = str(tmp_path / "tiny.onnx")
     argv = ["--model", prefix + ",2", "--output", out, "--batch-size", batch_flag, "--image-size", "6,5"]
     assert export_onnx.main(argv + (["--simplify"] if simplify else [])) == 0
+    assert insightface_takes_raw_pixels(onnx.load(out))
     backend = OnnxBackend(out, batch_size=5, image_size=TINY_SIZE)
     assert backend.batch_size == (5 if batch_flag == "dynamic" else 4)
     batch = faces(6, seed=7)

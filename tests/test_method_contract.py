@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recognition.config_checks import check_range
-from recognition.method import TrainingMethod
+from recognition.method import Snapshot, TrainingMethod
 from tests.harness import run_ranks
 
 WEIGHT_FILE = "softmax_weight.npy"
@@ -94,6 +94,15 @@ class ReplicatedSoftmax(TrainingMethod):
     def load(self, folder):
         self.weight = np.load(os.path.join(folder, WEIGHT_FILE))
 
+    def shard_rows(self):
+        return 0, 0             # the weight is replicated, not sharded
+
+    def snapshot(self):
+        return Snapshot({"weight": self.weight.copy()}, {})
+
+    def load_snapshot(self, shared, rows):
+        self.weight = shared["weight"].copy()
+
     def close(self):
         self.reader.close()
         ReplicatedSoftmax.closed.append(self)
@@ -166,16 +175,20 @@ def test_registry_and_config_take_the_method_in(monkeypatch):
 
 def test_the_contract_lists_what_the_trainer_uses():
     """Every member a method must provide is abstract in the base class, so a method missing one cannot be
-    made; the trainer's calls are all members of the contract."""
+    made; the calls of the trainer and of the elastic run are all members of the contract."""
     import ast
-    from recognition import trainer
+    from recognition import elastic, trainer
     abstract = set(TrainingMethod.__abstractmethods__)
     assert abstract == {"__init__", "steps_per_epoch", "probe_batch_size", "describe", "attach", "batches",
-                        "train_step", "position", "save", "load", "close"}
-    with open(trainer.__file__) as f:
-        tree = ast.parse(f.read())
-    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Attribute) and node.value.attr == "method"}
+                        "train_step", "position", "save", "load", "shard_rows", "snapshot", "load_snapshot",
+                        "close"}
+    used = set()
+    for module in (trainer, elastic):
+        with open(module.__file__) as f:
+            tree = ast.parse(f.read())
+        used |= {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                 and isinstance(node.value, ast.Attribute) and node.value.attr == "method"}
+    assert {"snapshot", "shard_rows", "load_snapshot"} <= used
     assert used <= abstract | {"accumulate"}, used - abstract
 
     class Incomplete(TrainingMethod):

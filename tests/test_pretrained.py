@@ -88,27 +88,6 @@ def test_fine_tuning_starts_bit_identical_from_the_export(tmp_path, monkeypatch)
         _trainer(_argv(tmp_path / "e", "--num-classes", "100", "--pretrained-head", step_folder), monkeypatch)
 
 
-def one_rank_fails_body():
-    """Rank 1 cannot read its file: every rank must raise, none may wait in a later collective."""
-    import horovod.mxnet as hvd
-    from recognition.pretrained import on_every_rank
-
-    def action():
-        if hvd.rank() == 1:
-            raise FileNotFoundError("rank 1 cannot see the checkpoint")
-        return "loaded"
-    try:
-        return on_every_rank(action, "backbone")
-    except (ValueError, OSError) as err:
-        return "%s: %s" % (type(err).__name__, err)
-
-
-def test_a_load_failing_on_one_rank_stops_every_rank():
-    results = run_ranks(one_rank_fails_body, np=2, timeout=120)
-    assert results == ["ValueError: backbone failed on another rank (its error is in that rank's output)",
-                       "FileNotFoundError: rank 1 cannot see the checkpoint"]
-
-
 # ------------------------------------------------------------------------------------------ misfits
 def _tiny_params():
     """Initialised parameters of the tiny backbone (embedding 16), as bound by a Module."""
@@ -198,103 +177,66 @@ def test_nothing_fitting_is_an_error_even_when_partial(tmp_path, horovod):
 
 
 # ------------------------------------------------------------------------------------ InsightFace names
-def insightface_iresnet18(embedding_size):
-    """IResNet-18 spelled with InsightFace's fresnet layer names (unit v3, "E" head, PReLU), written for this
-    test from the layout of its released models; BN eps as this project's so the two graphs compute alike."""
-    import mxnet as mx
-
-    def bn(x, name, fix_gamma=False):
-        return mx.sym.BatchNorm(x, fix_gamma=fix_gamma, eps=1e-5, momentum=0.9, name=name)
-
-    def conv(x, name, channels, kernel, stride):
-        return mx.sym.Convolution(x, num_filter=channels, kernel=(kernel, kernel), stride=(stride, stride),
-                                  pad=(kernel // 2, kernel // 2), no_bias=True, name=name)
-
-    def prelu(x, name):
-        return mx.sym.LeakyReLU(x, act_type="prelu", name=name)
-
-    x = (mx.sym.Variable("data") - 127.5) * 0.0078125
-    x = prelu(bn(conv(x, "conv0", 64, 3, 1), "bn0"), "relu0")
-    for stage, width in enumerate((64, 128, 256, 512), 1):
-        for unit in (1, 2):
-            name, stride = "stage%d_unit%d" % (stage, unit), 2 if unit == 1 else 1
-            body = prelu(bn(conv(bn(x, name + "_bn1"), name + "_conv1", width, 3, 1), name + "_bn2"), name + "_relu1")
-            body = bn(conv(body, name + "_conv2", width, 3, stride), name + "_bn3")
-            x = body + (bn(conv(x, name + "_conv1sc", width, 1, stride), name + "_sc") if unit == 1 else x)
-    x = mx.sym.FullyConnected(mx.sym.flatten(bn(x, "bn1")), num_hidden=embedding_size, name="pre_fc1")
-    return bn(x, "fc1", fix_gamma=True)
-
-
-def _trained_like(module, rng):
-    """Parameters with the spread of a trained network: random BN statistics and affine terms, PReLU slopes."""
-    import mxnet as mx
-    module.init_params(mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2))
-    arg, aux = module.get_params()
-    for name, value in list(arg.items()) + list(aux.items()):
-        if name.endswith(("_beta", "_moving_mean")):
-            value[:] = rng.normal(0, 0.1, value.shape)
-        elif name.endswith("_moving_var"):
-            value[:] = rng.uniform(0.5, 2.0, value.shape)
-        elif name.endswith("_gamma"):
-            value[:] = rng.uniform(0.1, 0.4, value.shape) if "relu" in name else rng.uniform(0.5, 1.5, value.shape)
-    return arg, aux
-
-
 @pytest.mark.parametrize("act_type", ["prelu", "prelu_conv"])
-def test_insightface_iresnet_names_give_the_same_network(tmp_path, act_type, horovod, real_backbones):
+def test_insightface_iresnet_names_give_the_same_network(tmp_path, act_type, horovod, real_backbones, caplog):
+    """fresnet's r18 in InsightFace's own graph layout (tests/insightface_graphs.py), loaded by the Backbone
+    training builds: the same embeddings, and the start-up check says so."""
     import mxnet as mx
     from recognition.backbone import Backbone
     from recognition.config import config_from_args
-    rng = np.random.default_rng(0)
-    theirs = mx.mod.Module(insightface_iresnet18(EMBEDDING), data_names=["data"], label_names=None)
-    theirs.bind(data_shapes=[("data", (2, 3, 112, 112))], for_training=False)
-    arg, aux = _trained_like(theirs, rng)
-    theirs.set_params(arg, aux)
+    from tests import insightface_graphs as insightface
+
+    def build(bn_mom):
+        return insightface.fresnet(18, embedding_size=EMBEDDING, bn_mom=bn_mom)
+    arg, aux = insightface.trained_like(build)
     arg = dict(arg, fc7_weight=mx.nd.ones((10, EMBEDDING)))         # a released model keeps its classifier
-    _save(str(tmp_path / "insightface"), 1, arg, aux)
+    spec = insightface.save(str(tmp_path / "insightface"), 1, build(0.9), arg, aux)
+    caplog.set_level("INFO", logger="recognition.train")
     cfg = config_from_args(["--dataset", "bench_1m", "--network", "r18", "--act-type", act_type, "--embedding-size",
-                            str(EMBEDDING), "--pretrained", str(tmp_path / "insightface") + ",1"])
+                            str(EMBEDDING), "--pretrained", spec])
     ours = Backbone(cfg, mx.cpu(), 2)
-    images = mx.nd.array(rng.uniform(0, 255, (2, 3, 112, 112)))
+    theirs = mx.mod.Module(build(0.9), data_names=["data"], label_names=None)
+    theirs.bind(data_shapes=[("data", (2, 3, 112, 112))], for_training=False)
+    theirs.set_params(arg, aux, allow_extra=True)
+    images = mx.nd.array(np.random.default_rng(0).uniform(0, 255, (2, 3, 112, 112)))
     theirs.forward(mx.io.DataBatch([images]), is_train=False)
     ours.module.forward(mx.io.DataBatch([images]), is_train=False)
     expected, got = theirs.get_outputs()[0].asnumpy(), ours.module.get_outputs()[0].asnumpy()
     assert np.linalg.norm(expected, axis=1).min() > 1.0
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
     loaded = ours.get_params()[0]
     np.testing.assert_array_equal(loaded["stem_conv_weight"].asnumpy(), arg["conv0_weight"].asnumpy())
     np.testing.assert_array_equal(loaded["stage2_unit1_down_conv_weight"].asnumpy(),
                                   arg["stage2_unit1_conv1sc_weight"].asnumpy())
-
-
-def _insightface_mobilefacenet_names():
-    """Every parameter name of InsightFace's fmobilefacenet (blocks 1-4-6-2, GDC head)."""
-    layers = {"conv2d": ["weight"], "batchnorm": ["gamma", "beta", "moving_mean", "moving_var"], "relu": ["gamma"]}
-
-    def block(prefix, activated=True):
-        return ["%s_%s_%s" % (prefix, layer, p) for layer in layers if activated or layer != "relu"
-                for p in layers[layer]]
-
-    def bottleneck(prefix):
-        return block(prefix + "_conv_sep") + block(prefix + "_conv_dw") + block(prefix + "_conv_proj", False)
-    names = block("conv_1") + block("conv_2_dw") + block("conv_6sep") + block("conv_6dw7_7", False)
-    for down, res, units in (("dconv_23", "res_3", 4), ("dconv_34", "res_4", 6), ("dconv_45", "res_5", 2)):
-        names += bottleneck(down) + [n for i in range(units) for n in bottleneck("%s_block%d" % (res, i))]
-    return names + ["pre_fc1_weight", "pre_fc1_bias", "fc1_gamma", "fc1_beta", "fc1_moving_mean", "fc1_moving_var"]
+    check = ours.pretrained_check
+    assert check["loaded"] == len(loaded) + len(ours.get_params()[1]) and check["max_rel_diff"] <= 1e-5
+    assert "the backbone against the file's own graph on 8 faces: max |diff| / max |file| %.2e" \
+        % check["max_rel_diff"] in caplog.text
 
 
 def test_insightface_mobilefacenet_names_cover_the_backbone(real_backbones):
     import symbols
     from recognition.pretrained import Match, insightface_to_ours
-    sym = symbols.get_symbol("mbf", embedding_size=512)
+    from tests import insightface_graphs as insightface
+    graph = insightface.fmobilefacenet()
+    theirs = set(graph.list_arguments() + graph.list_auxiliary_states()) - {"data"}
+    # InsightFace's layout: 64 channels wide, biased embedding FC; every name maps onto one of this backbone's
+    sym = symbols.get_symbol("mbf", embedding_size=512, width_scale=1, fc_bias=True)
     ours = set(sym.list_arguments() + sym.list_auxiliary_states()) - {"data"}
-    theirs = _insightface_mobilefacenet_names()
     mapped = {insightface_to_ours(n) or n for n in theirs}
-    assert mapped - ours == {"pre_fc1_bias"}          # this project's GDC head has a bias-free embedding FC
-    assert ours == mapped - {"pre_fc1_bias"}
+    assert mapped == ours and len(theirs) == len(ours) == 284
+
+    def shapes_of(symbol):
+        arg_shapes, _, aux_shapes = symbol.infer_shape(data=(1, 3, 112, 112))
+        return dict(zip(symbol.list_arguments() + symbol.list_auxiliary_states(), arg_shapes + aux_shapes))
+    ours_shapes = shapes_of(sym)
+    assert {insightface_to_ours(n) or n: s for n, s in shapes_of(graph).items() if n != "data"} == \
+        {n: s for n, s in ours_shapes.items() if n != "data"}
     assert insightface_to_ours("res_4_block5_conv_proj_batchnorm_moving_var") == "res2_unit6_project_bn_moving_var"
     assert insightface_to_ours("conv_6dw7_7_conv2d_weight") == "gdc_conv_weight"
-    # the released models are 64 channels wide, arcface_torch's (and this project's) 128: shapes name the misfit
+    # arcface_torch's layout (the default mbf) is 128 wide, without the bias: shapes name the misfit
+    default = symbols.get_symbol("mbf", embedding_size=512)
+    assert set(default.list_arguments()) == set(sym.list_arguments()) - {"pre_fc1_bias"}
     shapes = dict.fromkeys(ours, (4,))
     match = Match({"conv_1_conv2d_weight": (64, 3, 3, 3), "fc7_weight": (10, 512)}, dict(shapes, stem_conv_weight=(
         128, 3, 3, 3)))

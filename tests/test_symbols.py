@@ -41,7 +41,7 @@ def np_conv(x, w, stride=1, pad=0, groups=1):
     return out.reshape(n, out_c, ho, wo)
 
 
-def np_bn(x, p, name, eps=1e-5, fix_gamma=False):
+def np_bn(x, p, name, eps=common.BN_EPS, fix_gamma=False):
     """Inference-mode BatchNorm over axis 1 with the moving statistics."""
     shape = (1, -1) + (1,) * (x.ndim - 2)
     gamma = 1.0 if fix_gamma else p[name + "_gamma"].reshape(shape)
@@ -296,16 +296,52 @@ def test_bad_options_are_named(kwargs, fragment):
         symbols.get_symbol("r18", **kwargs)
 
 
+def layer_attrs(sym, name):
+    return [n["attrs"] for n in json.loads(sym.tojson())["nodes"] if n["name"] == name][0]
+
+
 def test_bn_options_and_dropout_reach_the_graph():
-    def layer_attrs(sym, name):
-        return [n["attrs"] for n in json.loads(sym.tojson())["nodes"] if n["name"] == name][0]
-    sym = symbols.get_symbol("r18", bn_mom=0.8, bn_eps=2e-5, dropout=0.4)
-    assert layer_attrs(sym, "stem_bn")["momentum"] == "0.8" and layer_attrs(sym, "stem_bn")["eps"] == "2e-05"
+    # InsightFace's MXNet eps by default, in every BN of every backbone
+    for name in symbols.NETWORKS:
+        nodes = json.loads(symbols.get_symbol(name).tojson())["nodes"]
+        assert {n["attrs"]["eps"] for n in nodes if n["op"] == "BatchNorm"} == {"2e-05"}, name
+    sym = symbols.get_symbol("r18", bn_mom=0.8, bn_eps=1e-5, dropout=0.4)
+    assert layer_attrs(sym, "stem_bn")["momentum"] == "0.8" and layer_attrs(sym, "stem_bn")["eps"] == "1e-05"
     assert layer_attrs(sym, "dropout")["p"] == "0.4"
     assert layer_attrs(sym, "fc1")["fix_gamma"] == "True"
     assert layer_attrs(symbols.get_symbol("mbf"), "fc1")["fix_gamma"] == "False"
     assert layer_attrs(symbols.get_symbol("r18", fix_gamma=False), "fc1")["fix_gamma"] == "False"
     assert "dropout" not in [n["name"] for n in json.loads(symbols.get_symbol("r18").tojson())["nodes"]]
+
+
+def test_per_layer_bn_settings_width_and_bias():
+    """What --pretrained takes from a checkpoint's graph: per-layer eps / fix_gamma, mbf's width, the FC bias."""
+    sym = symbols.get_symbol("mbf", bn_layers={"stem_bn": {"eps": 1e-3}, "fc1": {"fix_gamma": True}})
+    assert layer_attrs(sym, "stem_bn")["eps"] == "0.001" and layer_attrs(sym, "stem_dw_bn")["eps"] == "2e-05"
+    assert layer_attrs(sym, "fc1")["fix_gamma"] == "True" and layer_attrs(sym, "gdc_bn")["fix_gamma"] == "False"
+    narrow = arg_shapes(symbols.get_symbol("mbf", width_scale=1, fc_bias=True))
+    assert narrow["stem_conv_weight"] == (64, 3, 3, 3) and narrow["res3_unit2_project_conv_weight"] == (128, 256, 1, 1)
+    assert narrow["pre_fc1_bias"] == (512,) and "pre_fc1_bias" not in arg_shapes(symbols.get_symbol("mbf"))
+    assert "pre_fc1_bias" not in arg_shapes(symbols.get_symbol("r18", fc_bias=False))
+    # the numbers: an override of eps and fix_gamma computes what the NumPy BN says
+    rng = np.random.default_rng(9)
+    opt = common.Options(bn_layers={"b": {"eps": 0.5, "fix_gamma": True}})
+    x = mx.sym.Variable("data")
+    p = random_params(common.bn(x, "b", opt), (2, 3, 4, 4), rng)
+    p["data"] = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(run_inference(common.bn(x, "b", opt), p), np_bn(p["data"], p, "b", 0.5, True),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [({"bn_layers": {"nope": {"eps": 1e-3}}}, "no BatchNorm layer of r18"),
+                                              ({"bn_layers": {"stem_bn": {"momentum": 0.5}}}, "unknown setting"),
+                                              ({"width_scale": 1}, "width_scale is a MobileFaceNet"),
+                                              ({"bn_eps": 0.0}, "bn_eps must be > 0")])
+def test_bad_layer_options_are_named(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        symbols.get_symbol("r18", **kwargs)
+    with pytest.raises(ValueError, match="width_scale must be a positive integer"):
+        symbols.get_symbol("mbf", width_scale=0)
 
 
 # ---------------------------------------------------------------- tools/count_flops.py

@@ -192,10 +192,11 @@ def test_only_the_newest_exports_are_kept(tmp_path, tiny_backbone):
     from recognition.config import config_from_args
     from recognition.trainer import Trainer
     out = tmp_path / "run"
-    os.makedirs(str(out))
+    trainer = Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "5", "--checkpoint-every", "1",
+                                                       "--keep-exports", "2")))
     for name in ("best-0000.params", "model-0001.params.tmp", "notes-0001.params"):   # not exports of this run
         (out / name).write_bytes(b"x")
-    Trainer(config_from_args(tiny_train_argv(out, "--max-steps", "5", "--checkpoint-every", "1", "--keep-exports", "2"))).fit()
+    trainer.fit()
     assert sorted(os.listdir(str(out))) == ["best-0000.params", "checkpoints", "model-0001.params.tmp",
                                             "model-0004.params", "model-0005.params", "model-symbol.json",
                                             "notes-0001.params", "train_log.jsonl"]

@@ -24,6 +24,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from utils import cli  # noqa: E402
+
 
 def python_loop(rec_path, limit=None):
     """(images, seconds) of a single-threaded decode of the records of an images-only file, in file order."""
@@ -106,6 +108,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--worker", nargs=4, metavar=("REC", "CLASSES", "RANK", "RANKS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error("--data-dir %s is not a folder" % args.data_dir)
+    if min(args.images, args.batch_size, args.threads, args.epochs) < 1:
+        p.error("--images, --batch-size, --threads and --epochs must be >= 1")
     if args.worker:
         rec, classes, rank, ranks = args.worker
         print(json.dumps(reader_worker(rec, int(classes), int(rank), int(ranks), args.batch_size, args.threads,
@@ -139,4 +145,4 @@ def dataset_info(args, tmp):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, "benchmark_data.py"))

@@ -29,6 +29,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from utils import cli  # noqa: E402
+
 
 def time_id_loader(rec, image_size, batch_size, threads, images):
     from recognition.data.id_loader import IdentityLoader
@@ -147,6 +149,8 @@ def main(argv=None):
     p.add_argument("--identities", type=int, default=360232, help="classes of --index-scale's records")
     p.add_argument("--tmp-dir", help="where --index-scale writes its file (default: the system's)")
     args = p.parse_args(argv)
+    if args.data_dir and not os.path.isdir(args.data_dir):
+        p.error("data folder %s is not a folder" % args.data_dir)
     if args.index_scale:
         print(json.dumps(index_scale(args.index_scale, args.identities, args.tmp_dir)))
         return
@@ -184,4 +188,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, "benchmark_id_loader.py"))

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import symbols  # noqa: E402
 from symbols.common import ACT_TYPES  # noqa: E402
+from utils import cli  # noqa: E402
 
 ELEMENTWISE_OPS = ("BatchNorm", "LeakyReLU", "Activation", "elemwise_add", "_Plus", "_minus_scalar",
                    "_mul_scalar")
@@ -105,10 +106,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--throughput", nargs="+", metavar="NETWORK", choices=symbols.NETWORKS,
                    help="measure CPU forward+backward images/s of these networks instead of the cost table")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--iters", type=int, default=5, help="timed steps (median reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--embedding-size", type=int, default=512)
+    p.add_argument("--batch-size", type=cli.int_at_least(1), default=32)
+    p.add_argument("--iters", type=cli.int_at_least(1), default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=cli.int_at_least(0), default=1)
+    p.add_argument("--embedding-size", type=cli.int_at_least(1), default=512)
     p.add_argument("--act-type", default="prelu", choices=ACT_TYPES,
                    help="throughput only: MXNet's CPU PReLU backward is slow; prelu_conv is the fast equivalent")
     args = p.parse_args(argv)
@@ -125,4 +126,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, "count_flops.py"))

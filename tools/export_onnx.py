@@ -11,8 +11,13 @@ Runtime but is wrong or fails there, so ``repair`` rewrites it:
     graph inputs      every parameter is also listed as a graph input (overridable, so never constant-folded):
                       parameters are initialisers only, 'data' is the one input
     output name       the exporter strips '_output': the embedding is named fc1_output again, shape (batch, D)
+    FC flatten        the exporter reads a FullyConnected without a flatten attribute as flatten=False (MXNet's
+                      default is True): written out before the export (``explicit_flatten``)
     opset             the translations target opsets 12-13, the model is stamped with the installed onnx's newest
                       (22 for onnx 1.17, where some ops read their arguments differently): stamped 13
+    input scaling     insightface.model_zoo (ArcFaceONNX) feeds raw pixels only to a graph with a node named
+                      Sub*/_minus* and one named Mul*/_mul* among its first 8, else (x - 127.5) / 127.5, which
+                      this graph would normalise again: ``name_input_normalisation`` makes that hold on purpose
 Parameters are written as raw bytes by ``raw_initializers`` (the exporter converts every value to a Python
 float: a minute and several GB for r200). The result passes ``onnx.checker`` (full check) and is compared with
 MXNet on the same random faces, batch 1 and 8 of the one dynamic model (or the fixed batch): every row must
@@ -185,6 +190,66 @@ def repair(model, symbol, batch_size, image_size):
     return model
 
 
+# insightface.model_zoo.ArcFaceONNX: a graph normalises its own input when, among its first 8 nodes, one's name
+# starts with Sub or _minus and one's with Mul or _mul
+INSIGHTFACE_NODES, INSIGHTFACE_SUB, INSIGHTFACE_MUL = 8, ("Sub", "_minus"), ("Mul", "_mul")
+
+
+def name_input_normalisation(model):
+    """Make InsightFace's detection of in-graph input normalisation (``INSIGHTFACE_*``) true exactly when the graph
+    normalises its input: the Sub -> Mul by constants that the input (through Identity nodes) meets first are moved
+    to the front of the node list (with the Constant nodes they read) and named _minus* / _mul* if they are not;
+    any other node among the first 8 named like them is renamed. In place; returns ``model``."""
+    graph = model.graph
+    nodes = list(graph.node)
+    producers = {output: node for node in nodes for output in node.output}
+    constants = {tensor.name for tensor in graph.initializer}
+
+    def constant(name):
+        return name in constants or (name in producers and producers[name].op_type == "Constant")
+    chain, tensor = [], INPUT_NAME
+    for op_type in ("Sub", "Mul"):
+        users = [node for node in nodes if tensor in node.input]
+        while len(users) == 1 and users[0].op_type == "Identity" and op_type == "Sub":
+            chain.append(users[0])
+            tensor = users[0].output[0]
+            users = [node for node in nodes if tensor in node.input]
+        found = [node for node in users if node.op_type == op_type and list(node.input).count(tensor) == 1
+                 and all(constant(name) for name in node.input if name != tensor)]
+        if len(found) != 1:
+            chain = []
+            break
+        chain += [producers[name] for name in found[0].input if name in producers and name != tensor]
+        chain.append(found[0])
+        tensor = found[0].output[0]
+    for node, prefixes in zip([n for n in chain if n.op_type in ("Sub", "Mul")], (INSIGHTFACE_SUB, INSIGHTFACE_MUL)):
+        if not node.name.startswith(prefixes):
+            node.name = "%s_input_%s" % (prefixes[-1], node.name or "scaling")
+    ordered = chain + [node for node in nodes if all(node is not c for c in chain)]
+    for node in ordered[:INSIGHTFACE_NODES] if not chain else ():
+        if node.name.startswith(INSIGHTFACE_SUB + INSIGHTFACE_MUL):      # would pass for normalisation
+            node.name = "node_" + node.name
+    copies = []
+    for node in ordered:            # copied out before the repeated field is cleared
+        copies.append(type(node)())
+        copies[-1].CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+    return model
+
+
+def explicit_flatten(symbol):
+    """``symbol`` with MXNet's default ``flatten=True`` written on every FullyConnected that leaves it out: MXNet
+    1.9.1's exporter reads a missing one as False and mistranslates an FC on a 4-D map (InsightFace's fresnet 'E'
+    and fmobilefacenet 'GDC' heads)."""
+    import mxnet as mx
+    graph = json.loads(symbol.tojson())
+    for node in graph["nodes"]:
+        if node["op"] == "FullyConnected":
+            node.setdefault("attrs", {}).setdefault("flatten", "True")
+    return mx.sym.load_json(json.dumps(graph))
+
+
 def export(symbol, arg_params, aux_params, batch_size=None, image_size=(112, 112)):
     """The repaired ``onnx.ModelProto`` of the embedding ``symbol`` with its parameters; input 'data' raw RGB
     0..255 NCHW float32, ``batch_size`` rows (None: dynamic), output fc1_output."""
@@ -192,6 +257,7 @@ def export(symbol, arg_params, aux_params, batch_size=None, image_size=(112, 112
     import onnx
     if OUTPUT_NAME in symbol.get_internals().list_outputs() and symbol.list_outputs() != [OUTPUT_NAME]:
         symbol = symbol.get_internals()[OUTPUT_NAME]
+    symbol = explicit_flatten(symbol)
     names = set(symbol.list_arguments()) | set(symbol.list_auxiliary_states())
     params = {k: v for k, v in list(arg_params.items()) + list(aux_params.items()) if k in names}
     missing = sorted(names - set(params) - {INPUT_NAME})
@@ -205,7 +271,7 @@ def export(symbol, arg_params, aux_params, batch_size=None, image_size=(112, 112
             mx.onnx.export_model(symbol, params, [shape], np.float32, path, dynamic=batch_size is None,
                                  dynamic_input_shapes=[(None,) + shape[1:]] if batch_size is None else None)
         model = onnx.load(path)
-    return repair(model, symbol, batch_size, image_size)
+    return name_input_normalisation(repair(model, symbol, batch_size, image_size))
 
 
 def simplify(model):
@@ -226,7 +292,7 @@ def simplify(model):
     standard = [opset for opset in simplified.opset_import if opset.domain in ("", "ai.onnx")]
     del simplified.opset_import[:]
     simplified.opset_import.extend(standard)
-    return simplified
+    return name_input_normalisation(simplified)
 
 
 # ----------------------------------------------------------------------------------------------- checks

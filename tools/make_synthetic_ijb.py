@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval.ijb_data import ARCFACE_LANDMARKS, TARGETS, meta_paths  # noqa: E402
+from utils import cli  # noqa: E402
 from utils.fileio import atomic_write_bytes  # noqa: E402
 from recognition.data import rec_format  # noqa: E402
 from tools.make_synthetic import DEFAULT_AUG, SIZE, augment, identity_params, render_face, texture_field  # noqa: E402
@@ -185,9 +186,16 @@ def main(argv=None):
     p.add_argument("--low-quality", type=float, default=0.15,
                    help="fraction of downsampled, low-score images (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="make_synthetic.py's seed: the same people (default 0)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="drawing processes")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default %(default)s)")
+    p.add_argument("--workers", type=cli.int_at_least(1), default=os.cpu_count(), help="drawing processes")
     args = p.parse_args(argv)
+    if not 1 <= args.quality <= 100:
+        p.error("--quality must be 1-100, got %d" % args.quality)
+    for name in ("identities", "templates", "media", "frames"):
+        if getattr(args, name) < 1:
+            p.error("--%s must be >= 1, got %d" % (name, getattr(args, name)))
+    if not 0.0 <= args.video <= 1.0 or not 0.0 <= args.low_quality <= 1.0:
+        p.error("--video and --low-quality are fractions in [0, 1]")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         make_ijb(args.out_dir, args.first_identity, args.identities, args.target, args.templates, args.media,

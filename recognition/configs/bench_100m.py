@@ -6,7 +6,7 @@ config.reader = "synthetic"
 config.num_classes = 100000000
 config.sample_ratio = 0.01
 # 100M x 512 float32 centres + momentum = 410 GB: more than a node's memory unless spread over many
-# ranks, so a memory-mapped file (--bank-location host for a large enough cluster)
+# ranks, so a file on local disk read with pread / pwrite (--bank-location host on a large enough cluster)
 config.bank_location = "disk"
 config.network = "mbf"
 config.batch_size = 64

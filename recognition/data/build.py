@@ -20,4 +20,5 @@ def build_reader(cfg, rank, size):
                          "tools/pack_rec.py --image-size 112,112)" % ((found["property"],) + tuple(found["image_size"])
                                                                      + IMAGE_SIZE))
     return record_reader.RecordReader(found["rec"], cfg.batch_size, cfg.num_classes, rank=rank, num_ranks=size,
-                                      seed=cfg.seed, preprocess_threads=cfg.preprocess_threads)
+                                      seed=cfg.seed, preprocess_threads=cfg.preprocess_threads,
+                                      max_damaged=cfg.max_damaged)

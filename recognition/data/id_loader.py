@@ -1,4 +1,4 @@
-"""FFC's id loader: B identities per rank per step, two different images of each (``/work/shared/FFC.md``).
+"""FFC's id loader: B identities per rank per step, two different images of each (``docs/ffc.md``).
 
 Pass p visits the identities of the index (``identity_index``: identity -> record keys of ``PREFIX_iter.rec``)
 once, in an order drawn from (seed, p). With P ranks of B identities, global step t takes the identities at

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from recognition.data import rec_format
+from recognition.data import rec_format, record_scan
 from utils import fileio
 
 log = logging.getLogger("recognition.data")
@@ -176,7 +176,7 @@ def scan(rec_path, progress=True):
               disable=not progress, mininterval=1.0) as bar:
         def advance(done, total):
             bar.update(done - bar.n)
-        classes, label_keys = rec_format.scan_iter_records(rec_path, offsets, ends, progress=advance)
+        classes, label_keys = record_scan.scan_iter_records(rec_path, offsets, ends, progress=advance)
     good = (classes >= 0) & (label_keys == idx_keys)
     bad = np.flatnonzero(~good)
     if bad.size:

@@ -250,59 +250,6 @@ class RecordFile:
         self.close()
 
 
-def scan_iter_records(rec_path, offsets, ends, progress=None, chunk=1 << 16):
-    """Check the images-only records at ``offsets`` without decoding their images: RecordIO framing, each record
-    ending exactly at ``ends[i]`` (the next record's offset, or the file size), flag 4, integer labels and a
-    non-empty payload. Reads 48 bytes a record (vectorised); multi-part records and records near the end of the
-    file go through :class:`RecordFile`. Returns (class ids, keys) int64 arrays, -1 where a record is damaged.
-    ``progress(done, total)`` is called after every chunk."""
-    offsets, ends = np.asarray(offsets, np.int64), np.asarray(ends, np.int64)
-    n = len(offsets)
-    classes, keys = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
-    size = os.path.getsize(rec_path)
-    head = 8 + IR_SIZE + 4 * ITER_LABEL_WIDTH         # framing + IRHeader + the 4 labels
-    data = np.memmap(rec_path, np.uint8, "r") if size else np.zeros(0, np.uint8)
-    slow = []
-    for lo in range(0, n, chunk):
-        off, end = offsets[lo:lo + chunk], ends[lo:lo + chunk]
-        fast = np.flatnonzero(off + head <= np.minimum(end, size))
-        slow.extend(lo + np.setdiff1d(np.arange(len(off)), fast))
-        raw = data[off[fast, None] + np.arange(head)]
-        magic, lrec = raw[:, 0:4].copy().view("<u4")[:, 0], raw[:, 4:8].copy().view("<u4")[:, 0]
-        flag = raw[:, 8:12].copy().view("<u4")[:, 0]
-        parts = raw[:, 8 + IR_SIZE:head].copy().view("<f4").astype(np.float64)
-        cflag, length = lrec >> 29, (lrec & ((1 << 29) - 1)).astype(np.int64)
-        multipart = (magic == MAGIC) & (cflag == 1)
-        slow.extend(lo + fast[multipart])
-        good = ((magic == MAGIC) & (cflag == 0) & (flag == ITER_LABEL_WIDTH) & (length > head - 8)
-                & (off[fast] + 8 + ((length + 3) & ~3) == end[fast]) & (end[fast] <= size) & _exact_parts(parts))
-        rows = lo + fast[good]
-        classes[rows] = (parts[good, 0] + parts[good, 1] * LABEL_SPLIT).astype(np.int64)
-        keys[rows] = (parts[good, 2] + parts[good, 3] * LABEL_SPLIT).astype(np.int64)
-        if progress:
-            progress(min(lo + chunk, n), n)
-    if slow:
-        with RecordFile(rec_path) as f:
-            for i in slow:
-                try:
-                    record, stop = f.read_with_end(offsets[i])
-                    flag, labels, payload = unpack_record(record)
-                except ValueError:
-                    continue
-                parts = labels.astype(np.float64)[None] if flag == ITER_LABEL_WIDTH else None
-                if stop == ends[i] and parts is not None and payload and _exact_parts(parts)[0]:
-                    classes[i] = int(parts[0, 0] + parts[0, 1] * LABEL_SPLIT)
-                    keys[i] = int(parts[0, 2] + parts[0, 3] * LABEL_SPLIT)
-    return classes, keys
-
-
-def _exact_parts(parts):
-    """Rows whose four label parts are integers, the low parts below 2^24 (the images-only encoding)."""
-    return ((parts == np.floor(parts)).all(axis=1) & (parts >= 0).all(axis=1)
-            & (parts[:, 0] < LABEL_SPLIT) & (parts[:, 2] < LABEL_SPLIT))
-
-
-# ------------------------------------------------------------------------------------------------ writing
 class RecordSetWriter:
     """Writes a training set in the InsightFace layout (``P.rec/.idx``), the images-only layout
     (``P_iter.rec/.idx``) or both at once, then ``property``. For the InsightFace layout images must come in

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import mxnet as mx
 
-from recognition.data import rec_format, record_order
+from recognition.data import rec_format, record_order, record_scan
 from recognition.data.reader import Batch, BatchReader
 
 log = logging.getLogger("recognition.data")
@@ -89,7 +89,7 @@ class RecordReader(BatchReader):
 
     def __init__(self, rec_path, batch_size, num_classes, rank=0, num_ranks=1, seed=0, shuffle=True,
                  rand_mirror=True, image_size=(112, 112), preprocess_threads=2, prefetch_buffer=4,
-                 last_batch="discard"):
+                 last_batch="discard", max_damaged=0.01):
         if last_batch not in ("discard", "pad"):
             raise ValueError("last_batch must be 'discard' or 'pad', got %r" % (last_batch,))
         if batch_size < 1 or num_classes < 1 or not 0 <= rank < num_ranks:
@@ -109,8 +109,10 @@ class RecordReader(BatchReader):
         self.skipped = 0
         self._pool = None
 
-        _, offsets = rec_format.read_index(self.idx_path)
-        offsets = np.sort(offsets)             # the splitter sorts records by offset, whatever their keys
+        self.max_damaged = float(max_damaged)
+        keys, offsets = self._check_index(*rec_format.read_index(self.idx_path))
+        order = np.argsort(offsets, kind="stable")   # the splitter sorts records by offset, whatever their keys
+        keys, offsets = keys[order], offsets[order]
         self.num_images = len(offsets)
         bounds = [shard_bounds(self.num_images, num_ranks, r) for r in range(num_ranks)]
         sizes = [end - start for start, end in bounds]
@@ -120,15 +122,37 @@ class RecordReader(BatchReader):
             self.steps_per_epoch = -(-max(sizes) // self.batch_size)
         self.shard = shard_bounds(self.num_images, num_ranks, rank)
         self._check_first_record(offsets)
-        self._offsets, self._good = self._check_shard(offsets)
+        self._offsets, self._good = self._check_shard(offsets, keys)
         shard_size = self.shard[1] - self.shard[0]
         self._iter_batches = -(-shard_size // self.batch_size)     # what ImageRecordIter yields (last one padded)
-        self.uses_record_iter = bool(self._good.all()) and shard_size >= self.batch_size
+        self.uses_record_iter = (bool(self._good.all()) and shard_size >= self.batch_size
+                                 and not self.index_damaged)      # ImageRecordIter would read the bad entries
         if not self.uses_record_iter and shard_size:
             log.info("rank %d: reading records %d..%d of %s in Python (%s)", rank, self.shard[0], self.shard[1] - 1,
                      rec_path, "damaged records" if not self._good.all() else "fewer records than one batch")
 
     # ------------------------------------------------------------------------------------------ checks
+    def _check_index(self, keys, offsets):
+        """The index's (keys, offsets) without the entries that point outside the record file where the file is
+        not merely cut short: those are the index's damage, not the file's (their records are skipped, named in a
+        warning, and count against ``max_damaged``). Entries past the end of a truncated file (the last ones of
+        the index, in order) stay: their records are the file's damage, found by ``_check_shard``."""
+        size = os.path.getsize(self.rec_path)
+        bad = record_scan.bad_index_entries(offsets, size)
+        self.index_damaged = int(np.count_nonzero(bad))
+        if not self.index_damaged:
+            return keys, offsets
+        first = int(np.flatnonzero(bad)[0])
+        where = ("%s: %d of its %d entries point outside %s (%d bytes; first: key %d at byte %d): the index is "
+                 "damaged, not the record file (rebuild the index: python tools/convert_rec.py, or re-pack)"
+                 % (self.idx_path, self.index_damaged, len(offsets), self.rec_path, size, keys[first],
+                    offsets[first]))
+        if self.index_damaged > self.max_damaged * len(offsets):
+            raise ValueError("%s; more than --max-damaged %g allows" % (where, self.max_damaged))
+        if self.rank == 0:
+            log.warning("%s; their records are skipped", where)
+        return keys[~bad], offsets[~bad]
+
     def _check_first_record(self, offsets):
         """Refuse a file in another layout (e.g. InsightFace's, whose record 0 is a header) up front."""
         with rec_format.RecordFile(self.rec_path) as f:
@@ -150,7 +174,7 @@ class RecordReader(BatchReader):
         except ValueError:
             return
 
-    def _check_shard(self, offsets):
+    def _check_shard(self, offsets, index_keys):
         """(offsets, good mask) of this rank's records after checking every one without decoding it; a class id
         >= num_classes raises ValueError naming the record."""
         start, end = self.shard
@@ -166,8 +190,8 @@ class RecordReader(BatchReader):
                 log.info("rank %d: checked %d / %d records of %s (%.0f records/s, ETA %.0f s)",
                          self.rank, done, total, self.rec_path, speed, (total - done) / speed)
 
-        classes, keys = rec_format.scan_iter_records(self.rec_path, mine, ends, progress=progress)
-        good = (classes >= 0) & (keys == np.arange(start, end))
+        classes, keys = record_scan.scan_iter_records(self.rec_path, mine, ends, progress=progress)
+        good = (classes >= 0) & (keys == index_keys[start:end])     # each record is the one its entry names
         too_big = np.flatnonzero(good & (classes >= self.num_classes))
         if too_big.size:
             i = too_big[0]
@@ -176,6 +200,12 @@ class RecordReader(BatchReader):
                                  self.rec_path, start + i, mine[i], classes[i], self.num_classes, too_big.size,
                                  self.rank))
         damaged = np.flatnonzero(~good)
+        if damaged.size > self.max_damaged * max(len(mine), 1):
+            raise ValueError("%s: %d of the %d records of rank %d (records %d..%d) are damaged (first at bytes %s), "
+                             "more than --max-damaged %g allows: rebuild the file (tools/convert_rec.py, "
+                             "tools/pack_rec.py) or raise --max-damaged" % (
+                                 self.rec_path, damaged.size, len(mine), self.rank, start, end - 1,
+                                 ", ".join(str(int(b)) for b in mine[damaged[:5]]), self.max_damaged))
         if damaged.size:
             self.skipped += int(damaged.size)
             log.warning("rank %d: %d damaged record(s) in %s (first: record %d at byte %d) will be skipped every "

@@ -1,5 +1,5 @@
 """FFC (Wang et al., "An Efficient Training Approach for Very Large Scale Face Recognition", CVPR 2022): a
-dynamic class queue of Q gallery features instead of a C x D classifier (behaviour: ../shared/FFC.md).
+dynamic class queue of Q gallery features instead of a C x D classifier (behaviour: docs/ffc.md).
 
     class_queue.py  the queue as a loss operator over Horovod ranks: gather, inserts, both logit sets, gradient,
                     keep / discard a side's changes, state_dict (``DynamicClassQueue``)

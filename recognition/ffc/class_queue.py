@@ -2,7 +2,7 @@
 
 State, identical on every rank: two banks of unit rows (2, Q, D) float32, the identity -> slot map with LRU
 eviction (``slot_map.LRUSlotMap``) and a next-row bit per slot. One ``forward_backward`` (one side of an FFC
-step, ``../shared/FFC.md``):
+step, ``docs/ffc.md``):
 
 1. gallery rows and labels of every rank are gathered with ONE allgather (each rank normalises its own rows
    first, so every rank receives the same bytes), together with each rank's shapes, label checks and
@@ -19,7 +19,7 @@ step, ``../shared/FFC.md``):
 5. the side's loss is the mean over ranks (one more allgather; every rank sums in rank order, so the float is
    the same everywhere) and the gradient returned is that mean's: 1/world of this rank's own. The trainer sums
    backbone gradients over ranks (its convention for Partial FC too), which so averages the ranks' gradients as
-   FFC.md asks;
+   FFC asks (docs/ffc.md);
 6. ``keep=True`` writes the rows, bits and map changes planned in step 2; ``keep=False`` (side A) writes
    nothing, so the state afterwards is bit-identical to before and "undoing" costs nothing.
 """

@@ -1,4 +1,4 @@
-"""FFC as a training method (``../shared/FFC.md``, "One training step"): two loaders, the probe backbone, an EMA
+"""FFC as a training method (``docs/ffc.md``, "One training step"): two loaders, the probe backbone, an EMA
 gallery net and the dynamic class queue.
 
 Each step, on every rank: the id loader gives B identities with two images each (a, b) and the instance loader B
@@ -32,7 +32,7 @@ from recognition.data.id_loader import build_id_loader
 from recognition.ffc.class_queue import DynamicClassQueue
 from recognition.ffc.gallery import GalleryNet, live_param_arrays
 from recognition.ffc.queue_loss import LOSS_TYPES
-from recognition.method import TrainingMethod
+from recognition.method import Snapshot, TrainingMethod
 from utils import fileio
 
 log = logging.getLogger("recognition.train")
@@ -214,6 +214,24 @@ class FFCMethod(TrainingMethod):
         self.gallery.set_params(*checkpoint_io.load_params(os.path.join(folder, GALLERY_FILE)))
         with np.load(os.path.join(folder, QUEUE_FILE)) as data:
             self.queue.load_state_dict({k: data[k] for k in data.files})
+
+    def shard_rows(self):
+        """Nothing is sharded: the queue and the gallery are the same on every rank."""
+        return 0, 0
+
+    def snapshot(self):
+        """Copies of the gallery's parameters and of the queue (identical on every rank), the gallery's BatchNorm
+        moving statistics rank 0's (a collective: they follow each rank's batches; a checkpoint keeps rank 0's)."""
+        arg, aux = self.gallery.get_params()
+        aux = {k: dist.broadcast(v, name="ffc.snapshot." + k) for k, v in aux.items()}     # all sent, then read
+        return Snapshot({"gallery_arg": {k: v.asnumpy() for k, v in arg.items()},
+                         "gallery_aux": {k: v.asnumpy() for k, v in aux.items()},
+                         "queue": self.queue.state_dict()}, {})
+
+    def load_snapshot(self, shared, rows):
+        self.gallery.set_params({k: mx.nd.array(v, dtype=v.dtype) for k, v in shared["gallery_arg"].items()},
+                                {k: mx.nd.array(v, dtype=v.dtype) for k, v in shared["gallery_aux"].items()})
+        self.queue.load_state_dict(shared["queue"])
 
     def close(self):
         """Stop both loaders' threads and close their files."""

@@ -1,8 +1,8 @@
-"""Classification heads behind the small interface the training loop uses.
+"""The Partial FC operator as the head of Partial FC's training method (``method.py``).
 
-A head turns a batch of embeddings and labels into (loss, d loss / d embeddings), updates its own parameters
-with ``update(lr)``, and saves / restores its state in a checkpoint folder. The trainer knows nothing more, so
-another head (e.g. a dynamic class queue) plugs in without touching the loop.
+The head turns a batch of embeddings and labels into (loss, d loss / d embeddings), updates its own parameters
+with ``update(lr)``, and saves / restores its state in a checkpoint folder. The training loop does not see it:
+it drives a training method, and FFC is another method (``recognition/ffc/method.py``), with a queue of its own.
 """
 import glob
 import json
@@ -69,6 +69,25 @@ class PartialFCHead:
             os.replace(path + ".tmp", path)
         with open(os.path.join(folder, "head_rank%d.json" % dist.rank()), "w") as f:
             json.dump({"pfc_step": pfc.step, "class_start": start, "class_end": end}, f)
+
+    def snapshot(self):
+        """({"pfc_step"}, {"weight", "momentum"}): copies of this rank's shard after every queued update (a
+        collective: every rank raises when any rank's bank failed)."""
+        pfc = self.pfc
+        pfc.flush(agree=True)
+        weight, momentum = pfc.bank.read(0, pfc.num_local)
+        return {"pfc_step": pfc.step}, {"weight": weight, "momentum": momentum}
+
+    def load_snapshot(self, shared, rows):
+        """This rank's shard from ``rows`` (its rows, weight and momentum) and the step from ``shared``."""
+        pfc = self.pfc
+        pfc.flush()
+        for name in ("weight", "momentum"):
+            if rows[name].shape != (pfc.num_local, pfc.embedding_size):
+                raise ValueError("Partial FC snapshot: %s rows %s, this rank holds %s" % (
+                    name, rows[name].shape, (pfc.num_local, pfc.embedding_size)))
+        pfc.bank.write(0, rows["weight"], rows["momentum"])
+        pfc.step = int(shared["pfc_step"])
 
     def load(self, folder):
         """Fill this rank's shard from the shard files in ``folder`` (any world size wrote them)."""

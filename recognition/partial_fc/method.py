@@ -10,7 +10,7 @@ import argparse
 
 from recognition.config_checks import check_choice, check_range, parse_numbers
 from recognition.data.build import build_reader
-from recognition.method import TrainingMethod
+from recognition.method import Snapshot, TrainingMethod
 from recognition.partial_fc.head import PartialFCHead
 from recognition.partial_fc.operator import IGNORE_LABEL
 
@@ -73,6 +73,9 @@ class PartialFCMethod(TrainingMethod):
         check_range(cfg, "interclass_filter", 0.0, 1.0)
         check_range(cfg, "fc_weight_decay", 0.0)
         cfg.bank_pipeline = bool(cfg.bank_pipeline)
+        if cfg.elastic and cfg.bank_location == "disk":
+            raise ValueError("--elastic keeps each commit's centres in host memory; --bank-location disk is for "
+                             "shards larger than that: train it without --elastic (checkpoints and --resume)")
 
     @classmethod
     def output_name(cls, cfg):
@@ -135,6 +138,17 @@ class PartialFCMethod(TrainingMethod):
 
     def load(self, folder):
         self.head.load(folder)
+
+    def shard_rows(self):
+        """This rank's classes: its rows of the centres and their momentum."""
+        pfc = self.head.pfc
+        return pfc.class_start, pfc.class_start + pfc.num_local
+
+    def snapshot(self):
+        return Snapshot(*self.head.snapshot())
+
+    def load_snapshot(self, shared, rows):
+        self.head.load_snapshot(shared, rows)
 
     def close(self):
         """Stop the bank thread (after its queued jobs) and close the reader."""

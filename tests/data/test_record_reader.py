@@ -239,7 +239,7 @@ def test_resume_is_exact_before_and_after_a_damaged_record(tmp_path):
         f.write(b"\0\0\0\0")
 
     def make():
-        return record_reader.RecordReader(rec, 4, 30, seed=6, last_batch="pad")
+        return record_reader.RecordReader(rec, 4, 30, seed=6, last_batch="pad", max_damaged=1.0)   # 1 of 30
     assert not make().uses_record_iter
     full = check_resume_at_every_step(make, epoch=2)
     order = record_order.SplitterOrder(30, record_reader.mix_seed(6, 2)).next_pass()
@@ -346,13 +346,48 @@ def test_damaged_framing_is_skipped_without_crashing(tmp_path, damage, caplog):
             f.seek(int(offsets[11]) + 4)
             f.write(struct.pack("<I", 1 << 20))
     with caplog.at_level(logging.WARNING, logger="recognition.data"):
-        reader = record_reader.RecordReader(rec, 4, 30, rank=0, num_ranks=1, last_batch="pad")
+        reader = record_reader.RecordReader(rec, 4, 30, rank=0, num_ranks=1, last_batch="pad", max_damaged=1.0)
         assert not reader.uses_record_iter                            # MXNet would abort on this file
         batches, keys = collect(reader)
     real = np.concatenate([k[:4 - b.pad] for b, k in zip(batches, keys)])
     assert np.array_equal(np.sort(real), np.delete(np.arange(30), victims))
     assert len(batches) == reader.steps_per_epoch == 8
     assert reader.skipped == len(victims) and "%d damaged record(s)" % len(victims) in caplog.text
+
+
+def test_more_damage_than_max_damaged_is_refused_naming_the_file_and_bytes(tmp_path):
+    rec = write_set(tmp_path, list(range(300)))
+    offsets = _offsets(rec)
+    with open(rec, "r+b") as f:                       # 4 of 300 records lose their magic: 1.3 %
+        for k in (40, 41, 90, 200):
+            f.seek(int(offsets[k]))
+            f.write(b"\0\0\0\0")
+    with pytest.raises(ValueError) as err:
+        record_reader.RecordReader(rec, 4, 300)
+    message = str(err.value)
+    assert rec in message and "4 of the 300 records of rank 0" in message and "--max-damaged 0.01" in message
+    assert "first at bytes %d, %d, %d" % (offsets[40], offsets[41], offsets[90]) in message
+    assert record_reader.RecordReader(rec, 4, 300, max_damaged=0.02).skipped == 4      # within a looser limit
+
+
+def test_an_index_entry_past_the_end_is_blamed_on_the_index(tmp_path, caplog):
+    """Key 10's offset rewritten past the end of the file: the index is damaged, not train_iter.rec. Its record
+    is skipped and the rest read normally; with --max-damaged 0 the reader refuses, naming the .idx."""
+    rec = write_set(tmp_path, list(range(300)))
+    idx = rec_format.index_path(rec)
+    lines = open(idx).read().split("\n")
+    lines[10] = "10\t88888888888"
+    open(idx, "w").write("\n".join(lines))
+    with caplog.at_level(logging.WARNING, logger="recognition.data"):
+        reader = record_reader.RecordReader(rec, 4, 300, shuffle=False, rand_mirror=False, last_batch="pad")
+    assert reader.index_damaged == 1 and reader.skipped == 0 and not reader.uses_record_iter
+    assert idx in caplog.text and "the index is damaged, not the record file" in caplog.text
+    assert "key 10 at byte 88888888888" in caplog.text
+    batches, keys = collect(reader)
+    real = np.concatenate([k[:4 - b.pad] for b, k in zip(batches, keys)])
+    assert np.array_equal(np.sort(real), np.delete(np.arange(300), 10))
+    with pytest.raises(ValueError, match="train_iter.idx: 1 of its 300 entries point outside"):
+        record_reader.RecordReader(rec, 4, 300, max_damaged=0.0)
 
 
 def test_image_size_mismatch_is_an_error(small_set):

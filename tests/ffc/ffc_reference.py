@@ -1,4 +1,4 @@
-"""A plain NumPy / pure-Python reference of ../shared/FFC.md's queue and the loss of one side, for the tests.
+"""A plain NumPy / pure-Python reference of docs/ffc.md's queue and the loss of one side, for the tests.
 
 Written from the specification alone, step by step, with nothing shared with ``recognition.ffc``: the LRU is a
 Python list (least recently used first) and a dict, every insert and every probe row is handled in its own loop
@@ -15,7 +15,7 @@ def unit_rows(a):
 
 
 class ReferenceQueue:
-    """The queue state of FFC.md: banks (2, Q, D), the identity -> slot map in LRU order, next-row bits."""
+    """The queue state of docs/ffc.md: banks (2, Q, D), the identity -> slot map in LRU order, next-row bits."""
 
     def __init__(self, banks, slots, next_row):
         self.banks = np.array(banks, np.float64)
@@ -144,7 +144,7 @@ def rank_loss(after, existing, p, labels, loss_type, m, s=32.0, t=1.2):
 
 
 def reference_side(queue, gallery, gallery_labels, probes, probe_labels, loss_type, m, s=32.0, t=1.2):
-    """One side of FFC.md on every rank at once.
+    """One side of docs/ffc.md on every rank at once.
 
     gallery / gallery_labels / probes / probe_labels: per-rank lists (raw features). Returns the queue after the
     inserts (a new object: the caller keeps or drops it), the loss averaged over ranks and each rank's

@@ -1,4 +1,4 @@
-"""The dynamic class queue on 1, 2 and 3 ranks against the plain reference of FFC.md, and its contracts."""
+"""The dynamic class queue on 1, 2 and 3 ranks against the plain reference of docs/ffc.md, and its contracts."""
 import numpy as np
 import pytest
 

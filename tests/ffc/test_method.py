@@ -241,6 +241,6 @@ def test_a_pfc_checkpoint_does_not_resume_an_ffc_run(tmp_path, faces):
     pfc = _trainer(["--dataset", "synthetic", "--data-dir", faces, "--output", str(out), "--embedding-size", "16",
                     "--batch-size", "4", "--max-steps", "1", "--verbose", "0", "--preprocess-threads", "1"])
     pfc.fit()
-    ffc = _trainer(_argv(faces, out, "--max-steps", "2"))
+    ffc = _trainer(_argv(faces, out, "--max-steps", "2", "--resume"))
     with pytest.raises(ValueError, match="method='pfc', this run 'ffc'"):
         ffc.resume()

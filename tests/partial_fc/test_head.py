@@ -10,8 +10,8 @@ NUM_CLASSES, DIM = 1001, 8
 
 def head_cfg(bank="device"):
     return edict(num_classes=NUM_CLASSES, embedding_size=DIM, sample_ratio=0.2, margins=(1.0, 0.5, 0.0),
-                 scale=64.0, bank_location=bank, interclass_filter=0.0, momentum=0.9, fc_weight_decay=5e-4,
-                 seed=3)
+                 scale=64.0, bank_location=bank, bank_dir=None, bank_pipeline=True, interclass_filter=0.0,
+                 momentum=0.9, fc_weight_decay=5e-4, seed=3)
 
 
 def train_and_save_body(folder, steps, bank):
