@@ -42,11 +42,12 @@ class CPUKernels(HeadKernels):
         batch, k = xn.shape[0], wn.shape[0]
         scale = np.float32(self.scale)
         x_scaled = xn * scale
-        if self.choice is None:         # the first step: time the products' kernels on its operands
-            self.choice = product_choice.choose(x_scaled, wn, max(1, UPDATE_BLOCK_FLOATS // xn.shape[1]),
-                                                self._candidates)
-            clock.tick("product_choice")
         logits = self._workspace.get("logits", (batch, k))
+        if self.choice is None:         # the first step: time the products' kernels on its operands
+            logits.fill(0.0)            # the centre blocks are timed on this buffer: its pages, not the zero page
+            self.choice = product_choice.choose(x_scaled, wn, max(1, UPDATE_BLOCK_FLOATS // xn.shape[1]),
+                                                self._candidates, grad=logits)
+            clock.tick("product_choice")
         product = products.LogitsProduct(x_scaled, wn, logits, self.choice["logits"], self.choice["embedding"])
         clock.tick("logits_gemm")
 

@@ -5,7 +5,10 @@ The fastest kernel depends on the CPU: numpy's OpenBLAS may be the fastest for o
 fall back to a generic core, several times slower, on another (``utils/blas_check.py``); oneDNN and MXNet's own
 OpenBLAS differ per product too. So the head's first step times every candidate on its own embeddings (B x D) and
 the first rows of its k sampled centres (``TIMED_FLOATS``: the products are linear in k), within about a second,
-and keeps the fastest of each product; the choice is logged once. Every candidate is exact to float32 rounding,
+and keeps the fastest of each product; the choice is logged once. The centre gradient reads column blocks of the
+(B x k) logits gradient, whose row stride is k: at k in the hundreds of thousands those strided reads come from
+memory, not cache, and the kernels rank differently than on a narrow buffer (on the AMD EPYC VM numpy's BLAS won
+at 8,192 columns, oneDNN at 500,000), so its blocks are timed at spread positions of a buffer of the real width. Every candidate is exact to float32 rounding,
 but they round differently, so runs with different choices differ in the last bits.
 
 The environment variable ``PFC_CPU_PRODUCTS`` forces kernels (tests, benchmarks, bit-reproducible runs):
@@ -114,14 +117,24 @@ def pick(allowed, seconds=None):
     return {"logits": logits, "embedding": embedding, "centre": centre}
 
 
-def time_candidates(x, unit, kernels, block_rows, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
+def centre_blocks(width, rows, block_rows):
+    """[(lo, hi)]: blocks of ``block_rows`` columns, ``rows`` columns in all, spread evenly over ``width``."""
+    count = max(1, -(-rows // block_rows))
+    step = max(block_rows, width // count)
+    return [(lo, min(lo + block_rows, width)) for lo in range(0, min(width, count * step), step)][:count]
+
+
+def time_candidates(x, unit, kernels, block_rows, grad=None, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
     """{product: {kernel: best seconds}} of each kernel in ``kernels`` on the (B x D) ``x`` and the (rows x D)
-    ``unit``, the centre gradient in blocks of ``block_rows`` as the update runs it; one warm-up round (oneDNN
+    ``unit``, the centre gradient in blocks of ``block_rows`` as the update runs it, on column blocks spread over
+    ``grad`` (B x k, the step's logits buffer; its values do not matter) when given; one warm-up round (oneDNN
     builds its primitives, buffers get their pages), then up to ``rounds`` timed rounds while they fit in
     ``budget_s``."""
     start = time.perf_counter()
     (batch, dim), rows = x.shape, unit.shape[0]
     out = np.empty((batch, rows), np.float32)
+    grad = out if grad is None else grad
+    blocks = centre_blocks(grad.shape[1], rows, block_rows)
     centre_out = np.empty((min(block_rows, rows), dim), np.float32)
     scratch = np.empty((min(block_rows, rows), batch), np.float32)
     best = {product: {k: float("inf") for k in kernels} for product in PRODUCTS}
@@ -134,9 +147,8 @@ def time_candidates(x, unit, kernels, block_rows, budget_s=BUDGET_S, rounds=MAX_
             product.data_grad()             # on the logits as they are: any values time the same
             t2 = time.perf_counter()
             centre = products.CentreProduct(x, kernel)
-            for lo in range(0, rows, block_rows):
-                hi = min(lo + block_rows, rows)
-                centre.block(out, lo, hi, scratch, centre_out[:hi - lo])
+            for lo, hi in blocks:
+                centre.block(grad, lo, hi, scratch, centre_out[:hi - lo])
             t3 = time.perf_counter()
             if done:                        # round 0 is the warm-up
                 for name, seconds in zip(PRODUCTS, (t1 - t0, t2 - t1, t3 - t2)):
@@ -179,10 +191,10 @@ def resolve(setting=None, pools=None, level=None):
     return allowed_kernels(parsed, numpy_blas_problem(pools, level) if wants_numpy else None)
 
 
-def choose(x, unit, block_rows, allowed, log=None):
+def choose(x, unit, block_rows, allowed, grad=None, log=None):
     """The ``ProductChoice`` among ``allowed`` (``resolve``) for a head's step on the (B x D) embeddings ``x``
-    and its (k x D) sampled unit centres ``unit`` (read only), with centre-gradient blocks of ``block_rows`` rows;
-    logs it once."""
+    and its (k x D) sampled unit centres ``unit`` (read only), with centre-gradient blocks of ``block_rows`` rows
+    read from ``grad`` (the step's (B x k) logits buffer, overwritten; None: a narrow buffer); logs it once."""
     start = time.perf_counter()
     (batch, dim), k = x.shape, unit.shape[0]
     if all(len(kernels) == 1 for kernels in allowed.values()):
@@ -192,7 +204,7 @@ def choose(x, unit, block_rows, allowed, log=None):
     else:
         rows = min(k, max(block_rows, TIMED_FLOATS // dim))
         kernels = tuple(kernel for kernel in KERNELS if any(kernel in allowed[p] for p in PRODUCTS))
-        seconds = time_candidates(x, unit[:rows], kernels, min(block_rows, rows))
+        seconds = time_candidates(x, unit[:rows], kernels, min(block_rows, rows), grad)
         ms = {p: {kernel: 1000.0 * seconds[p][kernel] for kernel in allowed[p]} for p in PRODUCTS}
         choice = ProductChoice(pick(allowed, seconds), "timed", ms, rows, time.perf_counter() - start)
     (log or logging.getLogger("recognition.train")).info(choice.describe(batch, k, dim))

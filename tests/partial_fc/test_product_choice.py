@@ -63,6 +63,16 @@ def test_pick_pairs_the_onednn_embedding_gradient_with_the_onednn_logits():
     assert forced["embedding"] == ("dot", "numpy") and pick(forced)["embedding"] == "dot"
 
 
+def test_centre_blocks_are_spread_over_the_real_width():
+    """The centre gradient's candidates read column blocks as the update does: at the logits buffer's real row
+    stride, spread over its width, as many columns as the other products are timed on."""
+    from recognition.partial_fc.product_choice import centre_blocks
+    assert centre_blocks(500000, 8192, 4096) == [(0, 4096), (250000, 254096)]
+    assert centre_blocks(8192, 8192, 4096) == [(0, 4096), (4096, 8192)]
+    assert centre_blocks(300, 300, 128) == [(0, 128), (128, 256), (256, 300)]
+    assert centre_blocks(1000, 300, 128) == [(0, 128), (333, 461), (666, 794)]
+
+
 def test_tiny_heads_run_onednn_untimed(caplog):
     """The tests' tiny heads (the golden runs) are too small to time: oneDNN, as before the choice existed."""
     from recognition.partial_fc.product_choice import choose, resolve
@@ -80,8 +90,9 @@ def test_timed_choice_is_the_fastest_measured(monkeypatch, caplog):
     allowed = resolve("auto")
     with caplog.at_level(logging.INFO, logger="recognition.train"):
         rng = np.random.default_rng(0)
+        grad = np.zeros((8, 1000), np.float32)
         choice = choose(rng.standard_normal((8, 16), dtype=np.float32),
-                        rng.standard_normal((1000, 16), dtype=np.float32), 128, allowed)
+                        rng.standard_normal((1000, 16), dtype=np.float32), 128, allowed, grad=grad)
     assert choice.how == "timed" and choice.timed_rows == 300
     for product, kernels in allowed.items():
         assert set(choice.ms[product]) == set(kernels)
