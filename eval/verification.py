@@ -30,7 +30,6 @@ from tqdm import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eval import cli  # noqa: E402
-from eval.embedding import Embedder  # noqa: E402,F401 - the training loop uses it as verification.Embedder
 from utils.cli import image_size, int_at_least  # noqa: E402
 from utils.fileio import atomic_write_bytes  # noqa: E402
 

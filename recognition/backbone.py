@@ -133,6 +133,16 @@ class Backbone:
 
     # ------------------------------------------------------------------------------------------- state
     def get_params(self):
+        """(arg, aux): the parameters and BatchNorm moving statistics after every step queued so far (the module's
+        own dicts, refreshed from the executor on every call; copy them before changing them).
+
+        MXNet's BatchNorm updates its moving statistics in the BACKWARD pass, in arrays that op declares only as
+        inputs, so the engine does not order a later read after it: right after a step, a copy saw some layers
+        before that step's update and some after, as timing had it (a verification, which reads at once, changed
+        what the checkpoint after it saved). Hence the wait. And Module.get_params re-reads the executor only
+        after update(), though forward/backward change the statistics too: always re-read."""
+        mx.nd.waitall()
+        self.module._sync_params_from_devices()
         return self.module.get_params()
 
     def set_params(self, arg, aux):

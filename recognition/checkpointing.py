@@ -56,7 +56,9 @@ class RunCheckpoints:
         manifest = self._shared_checksums(tmp)
         if self.rank == 0:
             checkpoint_io.commit_dir(tmp, final, manifest)
-            index = step // self.cfg.checkpoint_every if self.cfg.checkpoint_every else step
+            # the export of checkpoint n (step n x checkpoint_every) is model-n; a last step between two
+            # checkpoints gets the next number, not the previous export's (which it would overwrite)
+            index = -(-step // self.cfg.checkpoint_every) if self.cfg.checkpoint_every else step
             arg, aux = backbone.get_params()
             checkpoint_io.save_legacy_checkpoint(os.path.join(self.output, EXPORT_PREFIX), index, backbone.symbol,
                                                  arg, aux)

@@ -13,7 +13,6 @@ import logging
 import os
 import re
 
-import numpy as np
 import mxnet as mx
 
 from recognition import checkpoint_io, dist

@@ -289,10 +289,11 @@ class Trainer:
         if self.rank != 0 or not self.cfg.val_targets:
             return None
         from eval import verification
+        from eval.embedding import Embedder
         if self.verifier is None:
             arg, aux = self.backbone.get_params()
-            self.verifier = (verification.Embedder(self.symbol, arg, aux, ctx=self.ctx,
-                                                   batch_size=self.cfg.val_batch_size), self.val_sets)
+            self.verifier = (Embedder(self.symbol, arg, aux, ctx=self.ctx, batch_size=self.cfg.val_batch_size),
+                             self.val_sets)
         embedder, sets = self.verifier
         if not sets:
             return None

@@ -8,7 +8,7 @@ import numbers
 
 from symbols import mobilefacenet
 from symbols.common import BN_EPS, Options
-from symbols.iresnet import STAGES, iresnet_symbol
+from symbols.iresnet import iresnet_symbol
 
 NETWORKS = ("r18", "r34", "r50", "r100", "r200", "mbf")
 INPUT_SHAPE = (3, 112, 112)

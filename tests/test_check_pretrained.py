@@ -120,7 +120,7 @@ def test_an_export_made_with_arcface_torch_eps_starts_exactly(tmp_path, capsys, 
     """This project's own mbf export (prelu_conv) from a run at eps 1e-5 (its default before 2e-5): the default
     config follows the file's eps and the start is exact."""
     from recognition.checkpoint_io import save_legacy_checkpoint
-    from tools.export_onnx import trained_like_params
+    from tools.onnx_check import trained_like_params
     symbol, arg, aux = trained_like_params(
         lambda bn_mom: symbols.get_symbol("mbf", act_type="prelu_conv", bn_mom=bn_mom, bn_eps=1e-5))
     save_legacy_checkpoint(str(tmp_path / "model"), 2, symbol, arg, aux)

@@ -113,7 +113,7 @@ def _leftovers(marker):
 def _discovery(tmp):
     """4 names of this machine (the 4th is the host the test adds), the hosts file listing the first 3 and the
     discovery script that prints it."""
-    from tools.elastic_probe import local_host_names, write_hosts
+    from tools.elastic_probe_scenario import local_host_names, write_hosts
     names = local_host_names(4)
     hosts, discover = os.path.join(tmp, "hosts"), os.path.join(tmp, "discover.sh")
     write_hosts(hosts, names[:3])
@@ -126,7 +126,7 @@ def _discovery(tmp):
 def _elastic_job(cmd, env, out, names, hosts, comparison, batch):
     """Run the job; list the 4th host once the world of 2 has passed its commit before GROW_AT (and the comparison
     no longer takes the CPU a new worker needs to reach hvd.init() within Gloo's timeout). (exit code, output)."""
-    from tools.elastic_probe import write_hosts
+    from tools.elastic_probe_scenario import write_hosts
     log_path, began, grown = os.path.join(os.path.dirname(out), "horovodrun.log"), time.time(), False
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,7 +1,7 @@
-"""tools/export_onnx.py and eval/onnx_backend.py: a tiny graph with every repaired op against a NumPy reference
-(and MXNet's unrepaired export failing in ONNX Runtime), backbones with trained-like weights against MXNet,
-insightface.model_zoo's test for a graph that normalises its own input (plain and simplified; graphs in
-InsightFace's own layout), the backend's batching and errors, and the CLI.
+"""tools/export_onnx.py (with onnx_repair.py, onnx_check.py) and eval/onnx_backend.py: a tiny graph with every
+repaired op against a NumPy reference (and MXNet's unrepaired export failing in ONNX Runtime), backbones with
+trained-like weights against MXNet, insightface.model_zoo's test for a graph that normalises its own input (plain
+and simplified; graphs in InsightFace's own layout), the backend's batching and errors, and the CLI.
 
 CI exports mbf (both activations) and r18 (prelu, the IResNet head and blocks) at batch 1 and 8; the deeper
 IResNets repeat the same blocks. ONNX_ALL_BACKBONES=1 runs every backbone x activation at batch 1 and 8
@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 import symbols
 from eval.onnx_backend import OnnxBackend
-from tools import export_onnx
+from tools import export_onnx, onnx_check, onnx_repair
 
 TINY_SIZE = (6, 5)               # H, W; neither equals a channel count, so a mis-broadcast slope cannot pass
 EPS = 1e-5
@@ -80,7 +80,7 @@ def faces(count, size=TINY_SIZE, seed=1):
 @pytest.fixture(scope="module")
 def tiny_model():
     arg, aux = tiny_params()
-    return export_onnx.export(tiny_symbol(), arg, aux, batch_size=None, image_size=TINY_SIZE), arg, aux
+    return onnx_repair.export(tiny_symbol(), arg, aux, batch_size=None, image_size=TINY_SIZE), arg, aux
 
 
 def test_tiny_graph_matches_numpy_reference(tiny_model):
@@ -101,7 +101,7 @@ def test_tiny_graph_matches_numpy_reference(tiny_model):
         got = session.run(["fc1_output"], {"data": batch})[0]
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
         # and MXNet itself computes what the reference says (fixed gammas read as 1)
-        np.testing.assert_allclose(export_onnx.mxnet_embeddings(tiny_symbol(), arg, aux, batch), expected,
+        np.testing.assert_allclose(onnx_check.mxnet_embeddings(tiny_symbol(), arg, aux, batch), expected,
                                    rtol=1e-4, atol=1e-4)
 
 
@@ -118,7 +118,7 @@ def test_unrepaired_mxnet_export_fails_in_onnxruntime(tmp_path):
 
 def test_simplified_tiny_graph_is_standard_and_equal(tiny_model):
     model, arg, aux = tiny_model
-    simplified = export_onnx.simplify(model)
+    simplified = onnx_repair.simplify(model)
     onnx.checker.check_model(simplified, full_check=True)
     def count(graph, op_type):
         return sum(node.op_type == op_type for node in graph.node)
@@ -181,7 +181,7 @@ def _random_params(symbol, size=TINY_SIZE, seed=0):
 
 def test_insightface_sees_the_normalisation_of_the_tiny_graph(tiny_model):
     model, arg, aux = tiny_model
-    for graph in (model, export_onnx.simplify(model)):
+    for graph in (model, onnx_repair.simplify(model)):
         assert insightface_takes_raw_pixels(graph)
         assert [n.op_type for n in graph.graph.node[:2]] == ["Sub", "Mul"]
 
@@ -195,15 +195,15 @@ def test_input_scaling_is_named_and_placed_on_purpose(tmp_path):
     mx.onnx.export_model(symbol, dict(arg, **aux), [(1, 3) + TINY_SIZE], np.float32, path)
     names = [node.name for node in onnx.load(path).graph.node]
     assert names.index("pixel_offset") >= 8 and not insightface_takes_raw_pixels(onnx.load(path))
-    model = export_onnx.export(symbol, arg, aux, image_size=TINY_SIZE)
+    model = onnx_repair.export(symbol, arg, aux, image_size=TINY_SIZE)
     onnx.checker.check_model(model, full_check=True)
     assert [(n.op_type, n.name) for n in model.graph.node[:2]] == [("Sub", "_minus_input_pixel_offset"),
                                                                     ("Mul", "_mul_input_pixel_scale")]
-    assert insightface_takes_raw_pixels(model) and insightface_takes_raw_pixels(export_onnx.simplify(model))
+    assert insightface_takes_raw_pixels(model) and insightface_takes_raw_pixels(onnx_repair.simplify(model))
     batch = faces(3)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(["fc1_output"], {"data": batch})[0],
-                               export_onnx.mxnet_embeddings(symbol, arg, aux, batch), rtol=1e-4, atol=1e-4)
+                               onnx_check.mxnet_embeddings(symbol, arg, aux, batch), rtol=1e-4, atol=1e-4)
 
 
 def test_a_graph_without_normalisation_is_not_taken_for_one(tmp_path):
@@ -215,11 +215,11 @@ def test_a_graph_without_normalisation_is_not_taken_for_one(tmp_path):
     path = str(tmp_path / "plain.onnx")
     mx.onnx.export_model(symbol, dict(arg, **aux), [(1, 3) + TINY_SIZE], np.float32, path)
     assert insightface_takes_raw_pixels(onnx.load(path))
-    model = export_onnx.export(symbol, arg, aux, image_size=TINY_SIZE)
+    model = onnx_repair.export(symbol, arg, aux, image_size=TINY_SIZE)
     assert not insightface_takes_raw_pixels(model)
     renamed = [n.op_type for n in model.graph.node[:8] if n.name.startswith(("node__minus", "node__mul"))]
     assert sorted(renamed) == ["Mul", "Sub"]
-    assert not insightface_takes_raw_pixels(export_onnx.simplify(model))
+    assert not insightface_takes_raw_pixels(onnx_repair.simplify(model))
 
 
 @pytest.mark.parametrize("layout", ["fresnet", "fmobilefacenet"])
@@ -235,13 +235,13 @@ def test_insightface_layouts_export_for_model_zoo(layout):
         return insightface.fmobilefacenet(embedding_size=16, bn_mom=bn_mom)
     arg, aux = insightface.trained_like(build)
     symbol = build(0.9)
-    model = export_onnx.export(symbol, arg, aux)
+    model = onnx_repair.export(symbol, arg, aux)
     first = ["Identity", "Sub", "Mul"] if layout == "fresnet" else ["Sub", "Mul", "Conv"]
     assert [n.op_type for n in model.graph.node[:3]] == first
-    batch = export_onnx.random_faces(2, (112, 112))
-    expected = export_onnx.mxnet_embeddings(symbol, arg, aux, batch)
+    batch = onnx_check.random_faces(2, (112, 112))
+    expected = onnx_check.mxnet_embeddings(symbol, arg, aux, batch)
     got = insightface_embeddings(model, batch)
-    assert export_onnx.agreement(expected, got)[1] <= 1e-4
+    assert onnx_check.agreement(expected, got)[1] <= 1e-4
 
 
 # ------------------------------------------------------------------------------------------ backbones
@@ -252,15 +252,15 @@ ALL_CASES = [(net, act, (1, 8)) for net in ("r18", "r34", "r50", "r100", "r200",
 
 @pytest.mark.parametrize("network,act_type,batches", ALL_CASES if os.environ.get("ONNX_ALL_BACKBONES") else CI_CASES)
 def test_backbone_export_matches_mxnet(network, act_type, batches):
-    symbol, arg, aux = export_onnx.trained_like_params(
+    symbol, arg, aux = onnx_check.trained_like_params(
         lambda bn_mom: symbols.get_symbol(network, act_type=act_type, bn_mom=bn_mom))
-    model = export_onnx.export(symbol, arg, aux, batch_size=None)
+    model = onnx_repair.export(symbol, arg, aux, batch_size=None)
     onnx.checker.check_model(model, full_check=True)
     assert [value.name for value in model.graph.input] == ["data"]
     assert insightface_takes_raw_pixels(model)
     for count in batches:                                        # one dynamic model, several batch sizes
-        batch = export_onnx.random_faces(count, (112, 112), seed=count)
-        expected = export_onnx.mxnet_embeddings(symbol, arg, aux, batch).astype(np.float64)
+        batch = onnx_check.random_faces(count, (112, 112), seed=count)
+        expected = onnx_check.mxnet_embeddings(symbol, arg, aux, batch).astype(np.float64)
         # as insightface.model_zoo.get_model runs it (ArcFaceONNX)
         got = insightface_embeddings(model, batch).astype(np.float64)
         assert got.shape == (count, 512)
@@ -274,7 +274,7 @@ def test_backbone_export_matches_mxnet(network, act_type, batches):
 def test_agreement_against_hand_computed_rows():
     reference = np.array([[3.0, 4.0], [1.0, 0.0]], np.float32)
     candidate = np.array([[3.0, 4.5], [1.0, 0.0]], np.float32)
-    cosine, relative = export_onnx.agreement(reference, candidate)
+    cosine, relative = onnx_check.agreement(reference, candidate)
     assert cosine == pytest.approx((9 + 18) / (5 * np.sqrt(9 + 20.25)), abs=1e-12)   # the worst row: the first
     assert relative == pytest.approx(0.5 / 5, abs=1e-12)
 
@@ -285,7 +285,7 @@ def tiny_files(tiny_model, tmp_path_factory):
     """The tiny model saved dynamic and with a fixed batch of 3."""
     folder = tmp_path_factory.mktemp("onnx")
     model, arg, aux = tiny_model
-    fixed = export_onnx.export(tiny_symbol(), arg, aux, batch_size=3, image_size=TINY_SIZE)
+    fixed = onnx_repair.export(tiny_symbol(), arg, aux, batch_size=3, image_size=TINY_SIZE)
     paths = {"dynamic": str(folder / "dynamic.onnx"), "fixed": str(folder / "fixed.onnx")}
     onnx.save(model, paths["dynamic"])
     onnx.save(fixed, paths["fixed"])
@@ -352,7 +352,7 @@ def test_cli_errors_and_writes_nothing_on_failure(tiny_checkpoint, tmp_path, cap
     assert export_onnx.main(["--model", prefix + ",7", "--output", str(out), "--image-size", "6,5"]) == 1
     assert "model-0007.params" in capsys.readouterr().err and not out.exists()
     # a model that disagrees with MXNet is not written: force the comparison to fail
-    monkeypatch.setattr(export_onnx, "MAX_RELATIVE_DIFF", -1.0)
+    monkeypatch.setattr(onnx_check, "MAX_RELATIVE_DIFF", -1.0)
     assert export_onnx.main(["--model", prefix + ",2", "--output", str(out), "--image-size", "6,5"]) == 1
     assert "disagrees with MXNet" in capsys.readouterr().err and not out.exists()
     assert os.listdir(tmp_path) == []                            # no temporary file left either

@@ -205,6 +205,12 @@ def test_only_the_newest_exports_are_kept(tmp_path, tiny_backbone):
                                    "0"))).fit()
     assert sorted(f for f in os.listdir(str(every)) if f.endswith(".params")) == [
         "model-%04d.params" % i for i in range(1, 5)]
+    # a last step between two checkpoints exports under the next number, next to the previous export
+    between = tmp_path / "between"
+    Trainer(config_from_args(tiny_train_argv(between, "--max-steps", "5", "--checkpoint-every", "2",
+                                             "--keep-exports", "0"))).fit()
+    assert sorted(f for f in os.listdir(str(between)) if f.endswith(".params")) == [
+        "model-%04d.params" % i for i in range(1, 4)]
 
 
 def test_the_device_is_the_gpu_when_mxnet_sees_one(monkeypatch):

@@ -1,6 +1,8 @@
 """Make a learnable face-like training set with no download: synthetic identities, packed as RecordIO.
 
     python tools/make_synthetic.py OUT_DIR --identities 1000 --images 20 --holdout 100 [--pairs 1000]
+    python tools/make_synthetic.py OUT_DIR --identities 3000 --images 60 --long-tail 0.6 --min-images 3 \\
+        --conflicts 0.1 --label-noise 0.03 --spread 0.6 --strength 1.3          # noisy, long-tailed, harder
 
 Each identity is a face-like 112x112 drawing with its own parameters: background, skin, hair colour and style,
 face shape, eye spacing / size / colour, brows, nose, mouth, ears, glasses or beard, and a low-frequency
@@ -8,10 +10,24 @@ texture. Differences between identities are coarse (colour, layout), so a small 
 Each image is a view of its identity: a small expression change (mouth, eyes, gaze), then shift, scale,
 rotation, brightness / contrast, blur and noise, then JPEG. --strength scales every augmentation at once.
 
+Difficulty: --spread s < 1 draws every continuous identity parameter (colours, sizes, positions, texture) from
+the middle s of its range, so identities look more alike; with --strength it sets how hard the set is.
+
+Labels (the training set only): --long-tail a gives identity k max(--min-images, round(--images * (k+1)^-a))
+images instead of --images each (a power law: a few identities with many images, most with few). --conflicts f
+splits round(f * identities) identities (seeded, among those with >= 2 images) over two labels: the last half of
+their images get a second label, numbered after the identities (one person under two labels). --label-noise f
+gives round(f * training images) images (seeded) a label drawn uniformly from the labels of other identities;
+every label keeps at least one image of its own identity. OUT_DIR/labels.npz records the truth of every record
+of the training set, in record order: identity, view, label, noisy (bool); and the second label of each
+identity (-1: none).
+
 Writes OUT_DIR/train.rec/.idx (InsightFace layout), train_iter.rec/.idx (images-only, what the trainer reads),
-property, and holdout.bin: a verification set in InsightFace's .bin layout (a pickle of (JPEG bytes list, issame
-list), 2 images per pair) made from --holdout identities that are not in the training set, with --pairs pairs,
-half of them same-identity. The output is a function of the arguments (--seed), not of --workers.
+property, labels.npz and holdout.bin: a verification set in InsightFace's .bin layout (a pickle of (JPEG bytes
+list, issame list), 2 images per pair) made from --holdout identities that are not in the training set (always
+clean), with --pairs pairs, half of them same-identity. Held-out identities are numbered after the training
+identities (tools/make_synthetic_ijb.py --first-identity should start past both). The output is a function of
+the arguments (--seed), not of --workers.
 """
 import argparse
 import functools
@@ -19,6 +35,7 @@ import logging
 import os
 import pickle
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -35,21 +52,28 @@ AUG_HELP = {"shift": "max shift, fraction of the image side", "scale": "max rela
             "rotate": "max rotation, degrees", "brightness": "max brightness change, fraction of 255",
             "contrast": "max relative contrast change", "noise": "Gaussian noise sigma, grey levels",
             "blur": "max Gaussian blur sigma, pixels", "expression": "scale of the mouth / eye / gaze changes"}
-_PARAMS, _VIEW, _PAIRS, _NOISE = 0, 1, 2, 3      # seed streams
+_PARAMS, _VIEW, _PAIRS, _NOISE, _SPLIT, _RELABEL = 0, 1, 2, 3, 4, 5      # seed streams (make_synthetic_ijb: 10+)
 
 
-def identity_params(seed, identity):
-    """The drawing parameters of one identity (a dict), a pure function of (seed, identity)."""
+def identity_params(seed, identity, spread=1.0):
+    """The drawing parameters of one identity (a dict), a pure function of (seed, identity, spread). ``spread``
+    in (0, 1]: each continuous parameter is drawn from the middle ``spread`` of its range (same draws, pulled
+    towards the middle), so identities look more alike; 1 is the full range."""
     rng = np.random.default_rng([seed, _PARAMS, identity])
-    u = rng.uniform
+    if spread == 1.0:
+        u = rng.uniform
+    else:
+        def u(low, high, size=None):
+            middle = (low + high) / 2.0
+            return middle + spread * (rng.uniform(low, high, size) - middle)
 
     def colour(low, high):
-        return tuple(float(v) for v in rng.uniform(low, high, 3))
+        return tuple(float(v) for v in u(low, high, 3))
 
     skin_tone = u(0.25, 1.0)
     return {
         "background": colour(0, 255),
-        "skin": tuple(float(v) for v in (np.array([235, 200, 170]) * skin_tone + rng.uniform(-35, 35, 3))),
+        "skin": tuple(float(v) for v in (np.array([235, 200, 170]) * skin_tone + u(-35, 35, 3))),
         "face_w": u(30, 42), "face_h": u(37, 48), "face_y": u(57, 62), "jaw": u(0.0, 1.0),
         "hair": colour(0, 200), "hair_style": int(rng.integers(0, 4)), "hairline": u(0.15, 0.5),
         "eye_y": u(46, 56), "eye_dx": u(12, 21), "eye_w": u(4, 8), "eye_h": u(2.5, 4.5),
@@ -169,23 +193,100 @@ def augment(img, rng, aug, noise_pool=None):
     return np.clip(out, 0, 255, out=out).astype(np.uint8)
 
 
-def identity_views(identity, count, seed, aug, quality=90, first_view=0):
-    """JPEG bytes of views ``first_view .. first_view + count - 1`` of ``identity``: a pure function of the
-    arguments (each view has its own seeded generator)."""
-    params = identity_params(seed, identity)
+def render_views(identity, views, seed, aug, quality=90, spread=1.0):
+    """JPEG bytes of views ``views`` (view numbers) of ``identity``: each view a pure function of (seed,
+    identity, view, aug, quality, spread), with its own seeded generator."""
+    params = identity_params(seed, identity, spread)
     field = texture_field(params)
     noise_pool = np.random.default_rng([seed, _NOISE, identity]).standard_normal((2 * SIZE, 2 * SIZE, 3),
                                                                                   dtype=np.float32)
-    views = []
-    for view in range(first_view, first_view + count):
+    jpegs = []
+    for view in views:
         rng = np.random.default_rng([seed, _VIEW, identity, view])
         image = augment(render_face(params, rng, aug["expression"], field), rng, aug, noise_pool)
-        views.append(rec_format.encode_image(image, "jpg", quality))
-    return views
+        jpegs.append(rec_format.encode_image(image, "jpg", quality))
+    return jpegs
 
 
-def _views_of(identities, count, seed, aug, quality):
-    return [identity_views(i, count, seed, aug, quality) for i in identities]
+def identity_views(identity, count, seed, aug, quality=90, first_view=0, spread=1.0):
+    """JPEG bytes of views ``first_view .. first_view + count - 1`` of ``identity`` (see ``render_views``)."""
+    return render_views(identity, range(first_view, first_view + count), seed, aug, quality, spread)
+
+
+def _render_groups(groups, seed, aug, quality, spread):
+    """For each group (a list of (identity, view)): the JPEG bytes of its images in order; each identity of a
+    group is drawn once."""
+    out = []
+    for group in groups:
+        jpegs = [None] * len(group)
+        members = {}
+        for position, (identity, view) in enumerate(group):
+            members.setdefault(identity, []).append((position, view))
+        for identity, items in members.items():
+            for (position, _), jpeg in zip(items, render_views(identity, [v for _, v in items], seed, aug, quality,
+                                                               spread)):
+                jpegs[position] = jpeg
+        out.append(jpegs)
+    return out
+
+
+def image_counts(identities, images, long_tail=0.0, min_images=1):
+    """Images of each training identity (int64 (identities,)): ``images`` each, or with ``long_tail`` a > 0 the
+    power law max(min_images, round(images * (k + 1) ** -a)) over the identity number k."""
+    if not long_tail:
+        return np.full(identities, images, np.int64)
+    counts = np.rint(images * np.arange(1, identities + 1, dtype=np.float64) ** -float(long_tail))
+    return np.maximum(counts, min_images).astype(np.int64)
+
+
+class LabelPlan(NamedTuple):
+    """The truth of a training set, one entry per record in record order (sorted by label, then identity, view)."""
+    identity: np.ndarray        # int64: the drawn identity
+    view: np.ndarray            # int64: its view number
+    label: np.ndarray           # int64: the label written
+    noisy: np.ndarray           # bool: the label is another identity's (label noise)
+    second_label: np.ndarray    # int64 (identities,): the second label of a conflicted identity, -1 for none
+    num_labels: int
+
+
+def label_plan(counts, seed, conflicts=0.0, label_noise=0.0):
+    """The labels of a training set with ``counts`` images per identity (see the module docstring): conflicted
+    identities (stream _SPLIT) and noisy images (stream _RELABEL) are seeded draws, so the plan is a pure
+    function of the arguments. Raises ValueError when the fractions cannot be met."""
+    counts = np.asarray(counts, np.int64)
+    n = len(counts)
+    identity = np.repeat(np.arange(n, dtype=np.int64), counts)
+    view = np.arange(len(identity), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+    label = identity.copy()
+    eligible = np.flatnonzero(counts >= 2)
+    split = int(round(conflicts * n))
+    if split > len(eligible):
+        raise ValueError("--conflicts %g asks for %d identities split over two labels, but only %d have >= 2 images"
+                         % (conflicts, split, len(eligible)))
+    second = np.full(n, -1, np.int64)
+    chosen = np.sort(np.random.default_rng([seed, _SPLIT]).choice(eligible, split, replace=False))
+    second[chosen] = n + np.arange(split)
+    moved = (second[identity] >= 0) & (view >= counts[identity] - counts[identity] // 2)
+    label[moved] = second[identity[moved]]
+    num_labels = n + split
+    # every label keeps its first image (so no label is emptied by the noise)
+    first_of_label = np.zeros(len(label), bool)
+    first_of_label[np.unique(label, return_index=True)[1]] = True
+    candidates = np.flatnonzero(~first_of_label)
+    noisy_count = int(round(label_noise * len(label)))
+    if noisy_count and (noisy_count > len(candidates) or num_labels < 3):
+        raise ValueError("--label-noise %g asks for %d relabelled images, but only %d can move (each label keeps an "
+                         "image; at least 2 identities)" % (label_noise, noisy_count, len(candidates)))
+    rng = np.random.default_rng([seed, _RELABEL])
+    noisy = np.zeros(len(label), bool)
+    for i in np.sort(rng.choice(candidates, noisy_count, replace=False)):
+        own = sorted(v for v in (identity[i], second[identity[i]]) if v >= 0)
+        new = int(rng.integers(num_labels - len(own)))
+        for taken in own:               # skip the identity's own labels
+            new += new >= taken
+        label[i], noisy[i] = new, True
+    order = np.lexsort((view, identity, label))
+    return LabelPlan(identity[order], view[order], label[order], noisy[order], second, num_labels)
 
 
 def make_pairs(num_identities, images_per_identity, num_pairs, seed):
@@ -194,8 +295,8 @@ def make_pairs(num_identities, images_per_identity, num_pairs, seed):
     if num_pairs % 2 or num_pairs < 2:
         raise ValueError("--pairs must be a positive even number, got %d" % num_pairs)
     if num_identities < 2 or images_per_identity < 2:
-        raise ValueError("holdout pairs need >= 2 identities with >= 2 images each, got %d x %d"
-                         % (num_identities, images_per_identity))
+        raise ValueError("holdout pairs need >= 2 identities (--holdout) with >= 2 images each (--holdout-images), "
+                         "got %d x %d" % (num_identities, images_per_identity))
     rng = np.random.default_rng([seed, _PAIRS])
     pairs = []
     for _ in range(num_pairs // 2):
@@ -208,34 +309,76 @@ def make_pairs(num_identities, images_per_identity, num_pairs, seed):
     return [pairs[i] for i in order]
 
 
+def plan_dataset(identities, images, holdout, pairs=1000, holdout_images=None, seed=0, aug=None, quality=90,
+                 long_tail=0.0, min_images=1, conflicts=0.0, label_noise=0.0, spread=1.0):
+    """Check the arguments of ``make_dataset`` and plan it: (LabelPlan, holdout pair list). Every bad value is a
+    ValueError naming it, raised before anything is drawn or written."""
+    checks = [(identities >= 1, "--identities must be >= 1, got %s" % identities),
+              (images >= 1, "--images must be >= 1, got %s" % images),
+              (holdout >= 0, "--holdout must be >= 0, got %s" % holdout),
+              (seed >= 0, "--seed must be >= 0, got %s" % seed),
+              (1 <= quality <= 100, "--quality must be in 1..100, got %s" % quality),
+              (long_tail >= 0, "--long-tail must be >= 0, got %s" % long_tail),
+              (1 <= min_images <= images, "--min-images must be in 1..--images (%s), got %s" % (images, min_images)),
+              (0 <= conflicts <= 1, "--conflicts must be a fraction in [0, 1], got %s" % conflicts),
+              (0 <= label_noise < 1, "--label-noise must be a fraction in [0, 1), got %s" % label_noise),
+              (0 < spread <= 1, "--spread must be in (0, 1], got %s" % spread)]
+    checks += [(value >= 0, "--%s must be >= 0, got %s" % (name, value)) for name, value in (aug or {}).items()]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    pair_list = make_pairs(holdout, holdout_images or images, pairs, seed) if holdout else []
+    plan = label_plan(image_counts(identities, images, long_tail, min_images), seed, conflicts, label_noise)
+    return plan, pair_list
+
+
 def make_dataset(out_dir, identities, images, holdout, pairs=1000, holdout_images=None, seed=0, aug=None,
-                 quality=90, workers=None, progress=True):
-    """Write the training set and holdout.bin into ``out_dir``; returns a summary dict."""
+                 quality=90, workers=None, progress=True, long_tail=0.0, min_images=1, conflicts=0.0,
+                 label_noise=0.0, spread=1.0):
+    """Write the training set, labels.npz and holdout.bin into ``out_dir``; returns a summary dict."""
     from tqdm import tqdm
     aug = dict(DEFAULT_AUG, **(aug or {}))
-    holdout_images = holdout_images or images
+    plan, pair_list = plan_dataset(identities, images, holdout, pairs, holdout_images, seed, aug, quality, long_tail,
+                                   min_images, conflicts, label_noise, spread)
     workers = os.cpu_count() if workers is None else workers
-    pair_list = make_pairs(holdout, holdout_images, pairs, seed) if holdout else []   # bad sizes fail here
-    work = functools.partial(_views_of, count=images, seed=seed, aug=aug, quality=quality)
+    os.makedirs(out_dir, exist_ok=True)
+    work = functools.partial(_render_groups, seed=seed, aug=aug, quality=quality, spread=spread)
+    starts = np.flatnonzero(np.diff(plan.label, prepend=-1))          # each label's first record
+    groups = [list(zip(identity.tolist(), view.tolist())) for identity, view in
+              zip(np.split(plan.identity, starts[1:]), np.split(plan.view, starts[1:]))]
     prefix = os.path.join(out_dir, "train")
-    with rec_format.RecordSetWriter(prefix, identities, (SIZE, SIZE)) as writer, \
-            tqdm(total=identities * images, unit="img", desc="train", disable=not progress) as bar:
-        for chunk, results in ordered_map(work, range(identities), workers, chunk_size=8):
-            for identity, views in zip(chunk, results):
-                for payload in views:
-                    writer.add(identity, payload)
-                bar.update(len(views))
+    with rec_format.RecordSetWriter(prefix, plan.num_labels, (SIZE, SIZE)) as writer, \
+            tqdm(total=len(plan.label), unit="img", desc="train", disable=not progress) as bar:
+        for chunk, results in ordered_map(work, groups, workers, chunk_size=8):
+            for jpegs in results:
+                for jpeg in jpegs:
+                    writer.add(plan.label[writer.num_images], jpeg)      # records in plan order
+                bar.update(len(jpegs))
+    with rec_format.staged(os.path.join(out_dir, "labels.npz")) as tmp, open(tmp, "wb") as f:
+        np.savez(f, identity=plan.identity, view=plan.view, label=plan.label, noisy=plan.noisy,
+                 second_label=plan.second_label)
     summary = {"train_images": writer.num_images, "identities": identities}
+    if plan.num_labels != identities or plan.noisy.any() or long_tail:
+        summary.update(labels=plan.num_labels, conflicted=int((plan.second_label >= 0).sum()),
+                       noisy_images=int(plan.noisy.sum()), images_min_max=[int(v) for v in
+                                                                           np.bincount(plan.identity)[[0, -1]]][::-1])
     if holdout:
-        # held-out identities continue the identity numbering, so none of them is a training identity
-        work = functools.partial(_views_of, count=holdout_images, seed=seed, aug=aug, quality=quality)
-        held = []
-        for _, results in tqdm(ordered_map(work, range(identities, identities + holdout), workers, chunk_size=4),
-                               total=-(-holdout // 4), unit="chunk", desc="holdout", disable=not progress):
-            held.extend(results)
+        # held-out identities continue the identity numbering, so none of them is a training identity; only the
+        # views the pairs use are drawn
+        needed = {}
+        for a, va, b, vb, _ in pair_list:
+            needed.setdefault(a, set()).add(va)
+            needed.setdefault(b, set()).add(vb)
+        people = sorted(needed)
+        groups = [[(identities + a, v) for v in sorted(needed[a])] for a in people]
+        held = {}
+        for chunk, results in tqdm(ordered_map(work, groups, workers, chunk_size=4), total=-(-len(groups) // 4),
+                                   unit="chunk", desc="holdout", disable=not progress):
+            for group, jpegs in zip(chunk, results):
+                held.update({(identity - identities, view): jpeg for (identity, view), jpeg in zip(group, jpegs)})
         bins, issame = [], []
         for a, va, b, vb, same in pair_list:
-            bins += [held[a][va], held[b][vb]]
+            bins += [held[a, va], held[b, vb]]
             issame.append(same)
         with rec_format.staged(os.path.join(out_dir, "holdout.bin")) as tmp, open(tmp, "wb") as f:
             pickle.dump((bins, issame), f, protocol=4)
@@ -247,8 +390,18 @@ def make_dataset(out_dir, identities, images, holdout, pairs=1000, holdout_image
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
-    p.add_argument("--identities", type=int, default=1000, help="training identities (classes)")
-    p.add_argument("--images", type=int, default=20, help="images per training identity")
+    p.add_argument("--identities", type=int, default=1000, help="training identities (people)")
+    p.add_argument("--images", type=int, default=20,
+                   help="images per training identity (with --long-tail: of the largest identity)")
+    p.add_argument("--long-tail", type=float, default=0.0,
+                   help="power-law exponent a of the images per identity (0: --images each)")
+    p.add_argument("--min-images", type=int, default=1, help="with --long-tail: the fewest images of an identity")
+    p.add_argument("--conflicts", type=float, default=0.0,
+                   help="fraction of identities whose images are split over two labels")
+    p.add_argument("--label-noise", type=float, default=0.0,
+                   help="fraction of training images under another identity's label")
+    p.add_argument("--spread", type=float, default=1.0,
+                   help="share of each identity parameter's range drawn from, in (0, 1]: lower is harder")
     p.add_argument("--holdout", type=int, default=100, help="identities of holdout.bin, none of them in training")
     p.add_argument("--holdout-images", type=int, default=None, help="images per held-out identity (default --images)")
     p.add_argument("--pairs", type=int, default=1000, help="pairs in holdout.bin, half same-identity")
@@ -259,13 +412,24 @@ def main(argv=None):
     for name, value in DEFAULT_AUG.items():
         p.add_argument("--" + name, type=float, default=value, help=AUG_HELP[name] + " (default %(default)s)")
     args = p.parse_args(argv)
-    if args.identities < 1 or args.images < 1 or args.holdout < 0:
-        p.error("need --identities >= 1, --images >= 1 and --holdout >= 0")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.workers < 1 or args.strength < 0:
+        p.error("need --workers >= 1 and --strength >= 0, got %d and %g" % (args.workers, args.strength))
     aug = {name: getattr(args, name) * args.strength for name in DEFAULT_AUG}
-    make_dataset(args.out_dir, args.identities, args.images, args.holdout, args.pairs, args.holdout_images,
-                 args.seed, aug, args.quality, args.workers)
+    knobs = dict(long_tail=args.long_tail, min_images=args.min_images, conflicts=args.conflicts,
+                 label_noise=args.label_noise, spread=args.spread)
+    try:
+        plan_dataset(args.identities, args.images, args.holdout, args.pairs, args.holdout_images, args.seed, aug,
+                     args.quality, **knobs)
+    except ValueError as error:
+        p.error(str(error))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        make_dataset(args.out_dir, args.identities, args.images, args.holdout, args.pairs, args.holdout_images,
+                     args.seed, aug, args.quality, args.workers, **knobs)
+    except OSError as error:
+        p.exit(1, "%s: error: %s\n" % (p.prog, error))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,9 +53,9 @@ def layout(seed, identity, templates, media, frames, video):
     return out
 
 
-def _drawing(seed, identity):
+def _drawing(seed, identity, spread=1.0):
     """What every view of ``identity`` is drawn from: (parameters, texture field, noise pool)."""
-    params = identity_params(seed, identity)
+    params = identity_params(seed, identity, spread)
     noise_pool = np.random.default_rng([seed, _NOISE, identity]).standard_normal((2 * SIZE, 2 * SIZE, 3),
                                                                                  dtype=np.float32)
     return params, texture_field(params), noise_pool
@@ -96,11 +96,11 @@ def place(view, rng, scale, rotate, landmark_noise, low_quality):
 
 
 def identity_images(identities, seed, templates, media, frames, video, scale, rotate, landmark_noise, low_quality,
-                    quality, aug):
+                    quality, aug, spread=1.0):
     """For each identity of ``identities``: [(template, media, JPEG bytes, landmarks (5, 2), detector score)]."""
     out = []
     for identity in identities:
-        drawing = _drawing(seed, identity)
+        drawing = _drawing(seed, identity, spread)
         images = []
         for template, medium, count in layout(seed, identity, templates, media, frames, video):
             view = media_view(seed, identity, template, medium, aug, drawing)
@@ -128,7 +128,7 @@ def make_pairs(template_identity, impostors, seed):
 
 def make_ijb(out_dir, first_identity, identities, target="IJBC", templates=3, media=3, frames=3, video=0.3,
              impostors=0, scale=(0.7, 1.5), rotate=20.0, landmark_noise=1.0, low_quality=0.15, seed=0, quality=90,
-             aug=None, workers=None, progress=True):
+             aug=None, workers=None, progress=True, spread=1.0):
     """Write the set into ``out_dir``; returns a summary dict."""
     from tqdm import tqdm
     if identities < 2 or templates < 2 or media < 1 or frames < 1 or impostors < 0:
@@ -139,7 +139,7 @@ def make_ijb(out_dir, first_identity, identities, target="IJBC", templates=3, me
     os.makedirs(image_dir, exist_ok=True)
     work = functools.partial(identity_images, seed=seed, templates=templates, media=media, frames=frames,
                              video=video, scale=scale, rotate=rotate, landmark_noise=landmark_noise,
-                             low_quality=low_quality, quality=quality, aug=aug)
+                             low_quality=low_quality, quality=quality, aug=aug, spread=spread)
     face_lines, mark_lines, template_identity = [], [], []
     media_ids = {}
     people = range(first_identity, first_identity + identities)
@@ -188,6 +188,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="make_synthetic.py's seed: the same people (default 0)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-100 (default %(default)s)")
     p.add_argument("--workers", type=cli.int_at_least(1), default=os.cpu_count(), help="drawing processes")
+    p.add_argument("--spread", type=float, default=1.0, help="make_synthetic.py's --spread: the same people")
+    p.add_argument("--strength", type=float, default=1.0, help="make_synthetic.py's --strength (augmentation)")
     args = p.parse_args(argv)
     if not 1 <= args.quality <= 100:
         p.error("--quality must be 1-100, got %d" % args.quality)
@@ -196,11 +198,14 @@ def main(argv=None):
             p.error("--%s must be >= 1, got %d" % (name, getattr(args, name)))
     if not 0.0 <= args.video <= 1.0 or not 0.0 <= args.low_quality <= 1.0:
         p.error("--video and --low-quality are fractions in [0, 1]")
+    if not 0 < args.spread <= 1 or args.strength < 0:
+        p.error("need 0 < --spread <= 1 and --strength >= 0, got %g and %g" % (args.spread, args.strength))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         make_ijb(args.out_dir, args.first_identity, args.identities, args.target, args.templates, args.media,
                  args.frames, args.video, args.impostors, tuple(args.scale), args.rotate, args.landmark_noise,
-                 args.low_quality, args.seed, args.quality, workers=args.workers)
+                 args.low_quality, args.seed, args.quality, workers=args.workers, spread=args.spread,
+                 aug={name: value * args.strength for name, value in DEFAULT_AUG.items()})
     except (OSError, ValueError) as error:
         print("error: %s" % error, file=sys.stderr)
         return 1

@@ -1,17 +1,15 @@
-"""eval/verification.py: the metrics against hand-computed answers and a plain NumPy reference, the .bin
-container (round trip, Python-2 pickles, bad files), the flip-summed batched embedding and the CLI."""
+"""eval/verification.py: the metrics against hand-computed answers and a plain NumPy reference, the flip-summed
+batched embedding, verify() and the CLI (the .bin container: test_bin_files.py)."""
 import json
-import os
-import pickle
-import struct
 
-import cv2
 import mxnet as mx
 import numpy as np
 import pytest
 from sklearn.model_selection import KFold
 
 from eval import verification as ver
+from eval.embedding import Embedder
+from tests.eval.test_bin_files import encode, random_faces
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -72,17 +70,6 @@ def numpy_embed(images, weight, bias):
     x = images.astype(np.float64)
     return (x.reshape(len(x), -1) @ weight.T.astype(np.float64) + bias
             + x[..., ::-1].reshape(len(x), -1) @ weight.T.astype(np.float64) + bias)
-
-
-def random_faces(count, size=(6, 5), seed=1):
-    return np.random.default_rng(seed).integers(0, 256, size=(count, 3) + size, dtype=np.uint8)
-
-
-def encode(image_chw, ext=".png"):
-    """uint8 RGB CHW -> encoded bytes (cv2 wants BGR HWC)."""
-    ok, data = cv2.imencode(ext, np.ascontiguousarray(image_chw.transpose(1, 2, 0)[:, :, ::-1]))
-    assert ok
-    return data.tobytes()
 
 
 # ------------------------------------------------------------------------------------------- metrics
@@ -159,107 +146,11 @@ def test_evaluate_rejects_bad_input():
         ver.evaluate(embeddings, issame, nfolds=21)
 
 
-# ------------------------------------------------------------------------------------------- .bin files
-def python2_pickle(bins, issame):
-    """The bytes Python 2's cPickle (protocol 2) writes for (list of str, list of bool): BINSTRING opcodes,
-    which Python 3 can only read with encoding='bytes'."""
-    out = [b"\x80\x02(]("]
-    for data in bins:
-        out.append(b"T" + struct.pack("<I", len(data)) + data)
-    out.append(b"e](" + b"".join(b"\x88" if v else b"\x89" for v in issame) + b"et.")
-    return b"".join(out)
-
-
-def test_write_then_load_round_trip_is_exact_and_rgb(tmp_path):
-    faces = random_faces(6, size=(8, 7))
-    faces[0] = 0
-    faces[0, 0] = 255                        # pure red in RGB: the channel order must survive
-    path = str(tmp_path / "set.bin")
-    ver.write_bin(path, [encode(f) for f in faces], [True, False, True])
-    images, issame = ver.load_bin(path, image_size=(8, 7))
-    assert images.dtype == np.uint8 and images.shape == (6, 3, 8, 7)
-    np.testing.assert_array_equal(images, faces)                        # PNG: lossless
-    assert issame.dtype == np.bool_ and issame.tolist() == [True, False, True]
-    assert [n for n in os.listdir(tmp_path) if n != "set.bin"] == []    # no temporary left behind
-
-
-def test_python2_pickle_loads(tmp_path):
-    faces = random_faces(4, size=(8, 8))
-    bins = [encode(f, ".jpg") for f in faces]
-    path = tmp_path / "py2.bin"
-    path.write_bytes(python2_pickle(bins, [False, True]))
-    with pytest.raises(UnicodeDecodeError):                  # what a plain pickle.load would do
-        pickle.loads(path.read_bytes())
-    images, issame = ver.load_bin(str(path), image_size=(8, 8))
-    assert issame.tolist() == [False, True]
-    for face, image in zip(bins, images):
-        expected = cv2.imdecode(np.frombuffer(face, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].transpose(2, 0, 1)
-        np.testing.assert_array_equal(image, expected)
-
-
-def write_raw(path, content):
-    with open(path, "wb") as f:
-        pickle.dump(content, f, protocol=2)
-    return str(path)
-
-
-def test_bad_bin_files_name_the_file_and_index(tmp_path):
-    good = [encode(f) for f in random_faces(4, size=(8, 8))]
-    odd = write_raw(tmp_path / "odd.bin", (good[:3], [True]))
-    with pytest.raises(ValueError, match=r"odd\.bin holds an odd number of images \(3\)"):
-        ver.load_bin(odd, (8, 8))
-    short = write_raw(tmp_path / "short.bin", (good, [True]))
-    with pytest.raises(ValueError, match=r"short\.bin: 4 images make 2 pairs but issame has 1 entries"):
-        ver.load_bin(short, (8, 8))
-    broken = write_raw(tmp_path / "broken.bin", (good[:3] + [good[3][:40]], [True, False]))
-    with pytest.raises(ValueError, match=r"broken\.bin image 3 \(pair 1\) cannot be decoded"):
-        ver.load_bin(broken, (8, 8))
-    junk = write_raw(tmp_path / "junk.bin", (good[:1] + [b"not an image"], [True]))
-    with pytest.raises(ValueError, match=r"junk\.bin image 1 \(pair 0\) cannot be decoded"):
-        ver.load_bin(junk, (8, 8))
-    with pytest.raises(ValueError, match=r"sized\.bin image 0 \(pair 0\) is 8x8 \(HxW\), expected 112x112"):
-        ver.load_bin(write_raw(tmp_path / "sized.bin", (good, [True, True])))
-    flags = write_raw(tmp_path / "flags.bin", (good, [True, "yes"]))
-    with pytest.raises(ValueError, match=r"flags\.bin: issame\[1\] is 'yes'"):
-        ver.load_bin(flags, (8, 8))
-    (tmp_path / "text.bin").write_bytes(b"hello")
-    with pytest.raises(ValueError, match=r"text\.bin is not a \.bin verification set"):
-        ver.load_bin(str(tmp_path / "text.bin"))
-    with pytest.raises(FileNotFoundError, match="nowhere.bin"):
-        ver.load_bin(str(tmp_path / "nowhere.bin"))
-
-
-def test_a_pickle_that_would_run_code_is_refused(tmp_path):
-    class Payload:
-        def __reduce__(self):
-            return (os.system, ("echo pwned",))
-    path = write_raw(tmp_path / "evil.bin", ([Payload()], [True]))
-    with pytest.raises(ValueError, match=r"evil\.bin is not a \.bin.*system"):
-        ver.load_bin(path)
-
-
-def test_numpy_flags_and_array_images_load(tmp_path):
-    good = [np.frombuffer(encode(f), np.uint8) for f in random_faces(2, size=(8, 8))]
-    path = write_raw(tmp_path / "np.bin", (good, np.array([1], np.int64)))
-    images, issame = ver.load_bin(path, (8, 8))
-    assert images.shape == (2, 3, 8, 8) and issame.tolist() == [True]
-
-
-def test_write_bin_rejects_bad_lists(tmp_path):
-    with pytest.raises(ValueError, match="odd number of images"):
-        ver.write_bin(str(tmp_path / "x.bin"), [b"a"] * 3, [True])
-    with pytest.raises(ValueError, match="4 images make 2 pairs but issame has 3"):
-        ver.write_bin(str(tmp_path / "x.bin"), [b"a"] * 4, [True] * 3)
-    with pytest.raises(ValueError, match="image 1 is empty"):
-        ver.write_bin(str(tmp_path / "x.bin"), [b"a", b""], [True])
-    assert not os.path.exists(tmp_path / "x.bin")
-
-
 # ------------------------------------------------------------------------------------------- embedding
 @pytest.mark.parametrize("count, batch_size", [(10, 4), (3, 8), (8, 4), (1, 1)])
 def test_embed_sums_the_width_flip_and_handles_partial_batches(count, batch_size):
     symbol, args, aux, weight, bias = tiny_model()
-    embedder = ver.Embedder(symbol, args, aux, batch_size=batch_size, image_size=(6, 5))
+    embedder = Embedder(symbol, args, aux, batch_size=batch_size, image_size=(6, 5))
     images = random_faces(count)
     seen = []
     got = embedder.embed(images, progress=seen.append)
@@ -274,7 +165,7 @@ def test_embed_sums_the_width_flip_and_handles_partial_batches(count, batch_size
 
 def test_embed_uses_fc1_output_of_a_training_graph_and_refreshes_weights():
     symbol, args, aux, weight, bias = tiny_model(head=True)
-    embedder = ver.Embedder(symbol, args, aux, batch_size=4, image_size=(6, 5))
+    embedder = Embedder(symbol, args, aux, batch_size=4, image_size=(6, 5))
     images = random_faces(5)
     np.testing.assert_allclose(embedder.embed(images), numpy_embed(images, weight, bias), rtol=1e-5, atol=1e-3)
     _, new_args, _, new_weight, new_bias = tiny_model(seed=7)
@@ -303,11 +194,11 @@ def test_refresh_reaches_conv_and_batchnorm_weights():
         return args, aux
 
     images = random_faces(6)
-    embedder = ver.Embedder(symbol, *params(0), batch_size=4, image_size=(6, 5))
+    embedder = Embedder(symbol, *params(0), batch_size=4, image_size=(6, 5))
     before = embedder.embed(images)
     embedder.set_params(*params(1))
     after = embedder.embed(images)
-    fresh = ver.Embedder(symbol, *params(1), batch_size=4, image_size=(6, 5)).embed(images)
+    fresh = Embedder(symbol, *params(1), batch_size=4, image_size=(6, 5)).embed(images)
     np.testing.assert_allclose(after, fresh, rtol=1e-5, atol=1e-5)
     assert not np.allclose(before, after, rtol=1e-2)
 
@@ -321,7 +212,7 @@ def save_tiny_checkpoint(prefix, image_size=(6, 5), epoch=3):
 def test_from_checkpoint_and_verify(tmp_path):
     prefix = str(tmp_path / "model")
     weight, bias = save_tiny_checkpoint(prefix)
-    embedder = ver.Embedder.from_checkpoint(prefix + ",3", batch_size=3, image_size=(6, 5))
+    embedder = Embedder.from_checkpoint(prefix + ",3", batch_size=3, image_size=(6, 5))
     images, issame = random_faces(24), np.arange(12) % 3 == 0
     results = ver.verify(embedder, {"a": (images, issame), "b": (images[:20], issame[:10])}, nfolds=5)
     assert list(results) == ["a", "b"]
@@ -334,11 +225,11 @@ def test_from_checkpoint_and_verify(tmp_path):
     for key, value in expected.items():
         assert results["a"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     with pytest.raises(FileNotFoundError, match=r"model-0004\.params"):
-        ver.Embedder.from_checkpoint(prefix + ",4")
+        Embedder.from_checkpoint(prefix + ",4")
     with pytest.raises(FileNotFoundError, match=r"other-symbol\.json"):
-        ver.Embedder.from_checkpoint(str(tmp_path / "other") + ",3")
+        Embedder.from_checkpoint(str(tmp_path / "other") + ",3")
     with pytest.raises(ValueError, match="PREFIX,EPOCH"):
-        ver.Embedder.from_checkpoint(prefix)
+        Embedder.from_checkpoint(prefix)
 
 
 # ------------------------------------------------------------------------------------------- CLI
@@ -364,7 +255,7 @@ def test_cli_prints_a_table_and_json(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == prefix + ",3" and report["sets"]["agedb_30"]["pairs"] == 30
     images, issame = ver.load_bin(str(tmp_path / "lfw.bin"), (16, 16))
-    embedder = ver.Embedder.from_checkpoint(prefix + ",3", batch_size=7, image_size=(16, 16))
+    embedder = Embedder.from_checkpoint(prefix + ",3", batch_size=7, image_size=(16, 16))
     embeddings = embedder.embed(images)
     expected = ver.evaluate(embeddings, issame, xnorm=embedder.last_xnorm)
     assert {k: v for k, v in report["sets"]["lfw"].items() if k != "pairs"} == pytest.approx(expected)
@@ -395,7 +286,7 @@ def test_cli_checks_folds_and_the_model_before_embedding(tmp_path, capsys, monke
     def no_embedding(*args, **kwargs):
         raise AssertionError("embedded before the arguments were checked")
 
-    monkeypatch.setattr(ver.Embedder, "embed", no_embedding)
+    monkeypatch.setattr(Embedder, "embed", no_embedding)
     base = ["--data-dir", str(tmp_path), "--image-size", "16,16", "--model", prefix + ",3"]
     with pytest.raises(SystemExit):
         ver.main(base + ["--target", "lfw", "--nfolds", "0"])
