@@ -5,11 +5,10 @@ The fastest kernel depends on the CPU: numpy's OpenBLAS may be the fastest for o
 fall back to a generic core, several times slower, on another (``utils/blas_check.py``); oneDNN and MXNet's own
 OpenBLAS differ per product too. So the head's first step times every candidate on its own embeddings (B x D) and
 the first rows of its k sampled centres (``TIMED_FLOATS``: the products are linear in k), within about a second,
-and keeps the fastest of each product; the choice is logged once. The centre gradient reads column blocks of the
-(B x k) logits gradient, whose row stride is k: at k in the hundreds of thousands those strided reads come from
-memory, not cache, and the kernels rank differently than on a narrow buffer (on the AMD EPYC VM numpy's BLAS won
-at 8,192 columns, oneDNN at 500,000), so its blocks are timed at spread positions of a buffer of the real width. Every candidate is exact to float32 rounding,
-but they round differently, so runs with different choices differ in the last bits.
+and keeps the fastest of each product; the choice is logged once. The slice is larger than the last-level cache,
+and the centre gradient's column blocks are read from a buffer of the real width k (its row stride): kernels
+ranked on cache-resident operands ranked differently from the real step. Every candidate is exact to float32
+rounding, but they round differently, so runs with different choices differ in the last bits.
 
 The environment variable ``PFC_CPU_PRODUCTS`` forces kernels (tests, benchmarks, bit-reproducible runs):
 
@@ -36,7 +35,11 @@ ENV = "PFC_CPU_PRODUCTS"
 PRODUCTS = ("logits", "embedding", "centre")
 DEFAULT = "onednn"
 MIN_TIMED_FLOATS = 1 << 20      # k x D below 4 MB: oneDNN, untimed
-TIMED_FLOATS = 1 << 22          # the k x D slice timed: 16 MB, 8,192 rows at D 512
+# the k x D slice timed: 64 MB, 32,768 rows at D 512, twice the last-level cache of the CPUs here, so the
+# products stream their operand from memory as the step's do (a 16 MB slice ranked the kernels wrongly on the
+# AMD EPYC VM: numpy first for the logits, oneDNN 25 % faster at the real k)
+TIMED_FLOATS = 1 << 24
+WARMUP_ROWS = 1024              # the warm-up call of each kernel (library start-up, oneDNN primitives)
 BUDGET_S = 1.0                  # timed rounds stop when the next one would end past this
 MAX_ROUNDS = 3                  # timed rounds after the warm-up round (each candidate's best one counts)
 
@@ -127,34 +130,39 @@ def centre_blocks(width, rows, block_rows):
 def time_candidates(x, unit, kernels, block_rows, grad=None, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
     """{product: {kernel: best seconds}} of each kernel in ``kernels`` on the (B x D) ``x`` and the (rows x D)
     ``unit``, the centre gradient in blocks of ``block_rows`` as the update runs it, on column blocks spread over
-    ``grad`` (B x k, the step's logits buffer; its values do not matter) when given; one warm-up round (oneDNN
-    builds its primitives, buffers get their pages), then up to ``rounds`` timed rounds while they fit in
-    ``budget_s``."""
+    ``grad`` (B x k, the step's logits buffer; its values do not matter) when given. Each kernel is called once
+    on ``WARMUP_ROWS`` rows first (library start-up), the buffers are touched, then up to ``rounds`` timed rounds
+    run, interleaving the kernels, while the next one fits in ``budget_s`` (the first always runs)."""
     start = time.perf_counter()
     (batch, dim), rows = x.shape, unit.shape[0]
-    out = np.empty((batch, rows), np.float32)
+    out = np.zeros((batch, rows), np.float32)
     grad = out if grad is None else grad
     blocks = centre_blocks(grad.shape[1], rows, block_rows)
-    centre_out = np.empty((min(block_rows, rows), dim), np.float32)
-    scratch = np.empty((min(block_rows, rows), batch), np.float32)
+    centre_out = np.zeros((min(block_rows, rows), dim), np.float32)
+    scratch = np.zeros((min(block_rows, rows), batch), np.float32)
+    warm = min(rows, WARMUP_ROWS)
+
+    def run(kernel, count, logits_out, centre_blocks_):
+        t0 = time.perf_counter()
+        product = products.LogitsProduct(x, unit[:count], logits_out, logits=kernel, embedding=kernel)
+        t1 = time.perf_counter()
+        product.data_grad()             # on the logits as they are: any values time the same
+        t2 = time.perf_counter()
+        centre = products.CentreProduct(x, kernel)
+        for lo, hi in centre_blocks_:
+            centre.block(grad, lo, hi, scratch, centre_out[:hi - lo])
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    for kernel in kernels:
+        run(kernel, warm, np.zeros((batch, warm), np.float32), [(0, min(warm, block_rows))])
     best = {product: {k: float("inf") for k in kernels} for product in PRODUCTS}
-    for done in range(rounds + 1):
+    for _ in range(rounds):
         round_start = time.perf_counter()
         for kernel in kernels:
-            t0 = time.perf_counter()
-            product = products.LogitsProduct(x, unit, out, logits=kernel, embedding=kernel)
-            t1 = time.perf_counter()
-            product.data_grad()             # on the logits as they are: any values time the same
-            t2 = time.perf_counter()
-            centre = products.CentreProduct(x, kernel)
-            for lo, hi in blocks:
-                centre.block(grad, lo, hi, scratch, centre_out[:hi - lo])
-            t3 = time.perf_counter()
-            if done:                        # round 0 is the warm-up
-                for name, seconds in zip(PRODUCTS, (t1 - t0, t2 - t1, t3 - t2)):
-                    best[name][kernel] = min(best[name][kernel], seconds)
+            for name, seconds in zip(PRODUCTS, run(kernel, rows, out, blocks)):
+                best[name][kernel] = min(best[name][kernel], seconds)
         now = time.perf_counter()
-        if done and now - start + (now - round_start) > budget_s:
+        if now - start + (now - round_start) > budget_s:
             break
     return best
 
