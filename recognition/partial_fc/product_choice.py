@@ -35,11 +35,10 @@ ENV = "PFC_CPU_PRODUCTS"
 PRODUCTS = ("logits", "embedding", "centre")
 DEFAULT = "onednn"
 MIN_TIMED_FLOATS = 1 << 20      # k x D below 4 MB: oneDNN, untimed
-# the k x D slice timed: 64 MB, 32,768 rows at D 512, twice the last-level cache of the CPUs here, so the
-# products stream their operand from memory as the step's do (a 16 MB slice ranked the kernels wrongly on the
-# AMD EPYC VM: numpy first for the logits, oneDNN 25 % faster at the real k)
-TIMED_FLOATS = 1 << 24
-WARMUP_ROWS = 1024              # the warm-up call of each kernel (library start-up, oneDNN primitives)
+# the k x D slice timed: 32 MB, 16,384 rows at D 512, as large as the last-level cache of the CPUs here (with
+# the other operands, more), so the products read much of it from memory as the step's do
+TIMED_FLOATS = 1 << 23
+MARGIN = 0.15                   # how much faster than oneDNN another kernel must be timed to replace it
 BUDGET_S = 1.0                  # timed rounds stop when the next one would end past this
 MAX_ROUNDS = 3                  # timed rounds after the warm-up round (each candidate's best one counts)
 
@@ -106,7 +105,9 @@ def allowed_kernels(setting, numpy_problem):
 def pick(allowed, seconds=None):
     """{product: kernel}: the fastest allowed kernel of each product by ``seconds`` ({product: {kernel: s}}),
     the logits and embedding kernels as a pair (the oneDNN embedding gradient only with the oneDNN logits);
-    without times, the first allowed kernel in ``KERNELS`` order (oneDNN first)."""
+    another kernel replaces oneDNN only when it is ``MARGIN`` faster (closer timings on a slice at start-up were
+    seen to rank the kernels the other way round at the real size); without times, the first allowed kernel in
+    ``KERNELS`` order (oneDNN first)."""
     def cost(product, kernel):
         return 0.0 if seconds is None else seconds[product].get(kernel, 0.0)
     pairs = [(l, e) for l in allowed["logits"] for e in allowed["embedding"] if not (e == "onednn" and l != "onednn")]
@@ -114,9 +115,13 @@ def pick(allowed, seconds=None):
         raise ValueError("no kernel pair for the logits %s and the embedding gradient %s"
                          % (allowed["logits"], allowed["embedding"]))
     order = {k: i for i, k in enumerate(KERNELS)}
-    logits, embedding = min(pairs, key=lambda p: (cost("logits", p[0]) + cost("embedding", p[1]),
-                                                  order[p[0]], order[p[1]]))
+    pair_cost = lambda p: cost("logits", p[0]) + cost("embedding", p[1])
+    logits, embedding = min(pairs, key=lambda p: (pair_cost(p), order[p[0]], order[p[1]]))
+    if (DEFAULT, DEFAULT) in pairs and pair_cost((logits, embedding)) > (1 - MARGIN) * pair_cost((DEFAULT, DEFAULT)):
+        logits, embedding = DEFAULT, DEFAULT
     centre = min(allowed["centre"], key=lambda k: (cost("centre", k), order[k]))
+    if DEFAULT in allowed["centre"] and cost("centre", centre) > (1 - MARGIN) * cost("centre", DEFAULT):
+        centre = DEFAULT
     return {"logits": logits, "embedding": embedding, "centre": centre}
 
 
@@ -130,9 +135,9 @@ def centre_blocks(width, rows, block_rows):
 def time_candidates(x, unit, kernels, block_rows, grad=None, budget_s=BUDGET_S, rounds=MAX_ROUNDS):
     """{product: {kernel: best seconds}} of each kernel in ``kernels`` on the (B x D) ``x`` and the (rows x D)
     ``unit``, the centre gradient in blocks of ``block_rows`` as the update runs it, on column blocks spread over
-    ``grad`` (B x k, the step's logits buffer; its values do not matter) when given. Each kernel is called once
-    on ``WARMUP_ROWS`` rows first (library start-up), the buffers are touched, then up to ``rounds`` timed rounds
-    run, interleaving the kernels, while the next one fits in ``budget_s`` (the first always runs)."""
+    ``grad`` (B x k, the step's logits buffer; its values do not matter) when given. A warm-up round at the same
+    shapes first (oneDNN builds its primitives for them, libraries start, buffers get their pages), then up to
+    ``rounds`` timed rounds, interleaving the kernels, while the next one fits in ``budget_s`` (one always runs)."""
     start = time.perf_counter()
     (batch, dim), rows = x.shape, unit.shape[0]
     out = np.zeros((batch, rows), np.float32)
@@ -140,7 +145,6 @@ def time_candidates(x, unit, kernels, block_rows, grad=None, budget_s=BUDGET_S, 
     blocks = centre_blocks(grad.shape[1], rows, block_rows)
     centre_out = np.zeros((min(block_rows, rows), dim), np.float32)
     scratch = np.zeros((min(block_rows, rows), batch), np.float32)
-    warm = min(rows, WARMUP_ROWS)
 
     def run(kernel, count, logits_out, centre_blocks_):
         t0 = time.perf_counter()
@@ -154,7 +158,7 @@ def time_candidates(x, unit, kernels, block_rows, grad=None, budget_s=BUDGET_S, 
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
     for kernel in kernels:
-        run(kernel, warm, np.zeros((batch, warm), np.float32), [(0, min(warm, block_rows))])
+        run(kernel, rows, out, blocks)
     best = {product: {k: float("inf") for k in kernels} for product in PRODUCTS}
     for _ in range(rounds):
         round_start = time.perf_counter()

@@ -56,8 +56,12 @@ def test_pick_pairs_the_onednn_embedding_gradient_with_the_onednn_logits():
              "embedding": {"onednn": 1.0, "dot": 3.0, "numpy": 2.5},
              "centre": {"onednn": 2.0, "dot": 1.5, "numpy": 1.6}}
     assert pick(allowed, times) == {"logits": "onednn", "embedding": "onednn", "centre": "dot"}    # 4.0 < 2.0+2.5
-    times["embedding"]["onednn"] = 2.0                                                          # 5.0 > 4.5
+    times["embedding"]["onednn"] = 2.0          # 4.5 against oneDNN's 5.0: within the margin, oneDNN stays
+    assert pick(allowed, times) == {"logits": "onednn", "embedding": "onednn", "centre": "dot"}
+    times["embedding"]["onednn"] = 3.0          # 4.5 against 6.0: 25 % faster
     assert pick(allowed, times) == {"logits": "dot", "embedding": "numpy", "centre": "dot"}
+    times["centre"]["onednn"] = 1.7             # dot 1.5 against 1.7: within the margin
+    assert pick(allowed, times)["centre"] == "onednn"
     assert pick(allowed) == dict.fromkeys(("logits", "embedding", "centre"), "onednn")     # untimed: oneDNN
     forced = allowed_kernels(parse_setting("logits=numpy"), None)
     assert forced["embedding"] == ("dot", "numpy") and pick(forced)["embedding"] == "dot"
