@@ -1,22 +1,31 @@
-"""Times the Partial FC head alone against its GEMM floor, measured in the same run.
+"""Times the Partial FC head alone against the floor of its three matrix products on this CPU.
 
     horovodrun -np 2 -H localhost:2 --gloo python tools/benchmark_pfc.py --num-classes 1000000 \\
         --sample-ratio 0.1 --batch-size 64 --embedding-size 512 --steps 21 --rounds 3
 
 One step = gather -> sample -> bank pull -> logits -> margin softmax -> backward -> memory-bank update, on random
 embeddings with uniformly random labels (the sequential mode: nothing of the step is left running when it is
-timed). The floor is the head's three matrix products alone on the same shapes (logits, embedding gradient,
-centre gradient) through MXNet's oneDNN ``FullyConnected`` with operands already laid out as it wants them.
+timed). Two floors are timed after every step, at the head's shapes (B the global batch, k this rank's sampled
+centres, D the width): logits B x D . D x k, embedding gradient B x k . k x D, centre gradient k x B . B x D.
 
-The machine may be shared, so step and floor are interleaved: the ``--steps`` timed steps are split into
-``--rounds`` rounds, every step is followed by one floor, and a round's ratio is its median step / its median
-floor. The result is the median of the
-rounds' ratios with their min and max. The last line printed (rank 0) is one JSON object: ratio, ratio_min,
-ratio_max, ms_per_step, gemm_ms_per_step, phase_ms (median ms of each phase), sample_ms, bank_ms,
-peak_anon_mb_per_rank, cpu, blas, ...
+- The **independent floor** runs in a separate process per rank (``FloorWorker``), started before the head
+  exists, with this file's own code: every kernel available for each product (oneDNN ``FullyConnected`` on
+  operands laid out as it wants them, also its recorded data gradient; MXNet's ``nd.dot``; numpy's BLAS, on
+  transposed copies and on strided views), timed at start-up, and the fastest of each kept. Its centre
+  gradient runs over pre-transposed rows in blocks of ``--block-rows`` into one reused buffer.
+- The **chosen floor** is the head's own products (``recognition/partial_fc/products.py``) with the kernels the
+  head picked at its first step, timed alone in the benchmark's process as the head runs them.
+
+The machine may be shared, so step and floors are interleaved: the ``--steps`` timed steps are split into
+``--rounds`` rounds, every step is followed by one of each floor, and a round's ratio is its median step over its
+median floor. The results are the median of the rounds' ratios with their min and max. The last line printed
+(rank 0) is one JSON object: ratio / ratio_min / ratio_max (step / independent floor), ratio_chosen (step /
+chosen floor), ms_per_step, floor_ms, chosen_floor_ms, the kernels and per-product ms of both floors, the
+head's choice and its timings, phase_ms (median ms of each phase), peak_anon_mb_per_rank, cpu, blas, ...
 """
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import sys
@@ -27,11 +36,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mxnet as mx  # noqa: E402
-import horovod.mxnet as hvd  # noqa: E402
 
 from utils.blas_check import blas_cores, cpu_model, warn_if_generic_blas  # noqa: E402
-from recognition.dist import barrier  # noqa: E402
-from recognition.partial_fc.operator import PartialFC  # noqa: E402
+
+PRODUCTS = ("logits", "embedding", "centre")
+FLOOR_KERNELS = {"logits": ("onednn", "dot", "numpy"),
+                 "embedding": ("onednn", "onednn-backward", "dot", "numpy"),
+                 "centre": ("onednn", "dot", "numpy", "numpy-strided")}
 
 
 def parse_args(argv=None):
@@ -46,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--bank-location", choices=("device", "host", "disk"), default="device")
     p.add_argument("--disk-dir", default=None, help="folder for --bank-location disk (default: a temp folder)")
     p.add_argument("--kernels", choices=("auto", "numpy", "ndarray"), default="auto")
-    p.add_argument("--no-floor", action="store_true", help="skip the GEMM floor (e.g. for out-of-core runs)")
+    p.add_argument("--block-rows", type=int, default=4096, help="rows per centre-gradient block of the floor")
+    p.add_argument("--floor-rounds", type=int, default=2, help="timed rounds of the independent floor's kernel "
+                   "choice (after one warm-up round; each kernel's best counts)")
+    p.add_argument("--no-floor", action="store_true", help="skip both floors (e.g. for out-of-core runs)")
     return p.parse_args(argv)
 
 
@@ -62,47 +76,215 @@ def anon_rss_mb():
     return float("nan")
 
 
-class GemmFloor:
-    """The head's three matrix products of one step via FullyConnected, operands pre-transposed."""
+def _nd(a):
+    return mx.nd.from_numpy(a.view(), zero_copy=True)
 
-    def __init__(self, batch_global, num_sample, dim):
+
+class FloorProducts:
+    """The three products of one step at (batch, k, dim) in every kernel of ``FLOOR_KERNELS``, written for this
+    benchmark alone: each operand laid out as its kernel wants it, outputs in reused buffers."""
+
+    def __init__(self, batch, k, dim, block_rows):
         rng = np.random.default_rng(0)
-        self.dim, self.num_sample = dim, num_sample
-        self.xn = mx.nd.array(rng.standard_normal((batch_global, dim), dtype=np.float32))
-        self.wn = mx.nd.array(rng.standard_normal((num_sample, dim), dtype=np.float32))
-        self.grad = mx.nd.array(rng.standard_normal((batch_global, num_sample), dtype=np.float32))
-        self.wn_t, self.grad_t, self.xn_t = self.wn.T.copy(), self.grad.T.copy(), self.xn.T.copy()
-        mx.nd.waitall()
+        self.k, self.dim, self.block_rows = k, dim, block_rows
+        self.x = rng.standard_normal((batch, dim), dtype=np.float32)
+        self.w = rng.standard_normal((k, dim), dtype=np.float32)
+        self.g = rng.standard_normal((batch, k), dtype=np.float32)
+        self.w_t, self.g_t, self.x_t = (np.ascontiguousarray(a.T) for a in (self.w, self.g, self.x))
+        self.z = np.empty((batch, k), np.float32)
+        self.e = np.empty((batch, dim), np.float32)
+        self.c = np.empty((min(block_rows, k), dim), np.float32)
+
+    def run(self, product, kernel):
+        """Seconds of one ``product`` with ``kernel`` (its result in self.z / self.e / self.c)."""
+        if product == "embedding" and kernel == "onednn-backward":     # the recorded forward is not timed
+            x, x_grad = mx.nd.array(self.x), mx.nd.zeros(self.x.shape)
+            mx.autograd.mark_variables([x], [x_grad])
+            with mx.autograd.record(train_mode=False):
+                z = mx.nd.FullyConnected(x, _nd(self.w), no_bias=True, num_hidden=self.k, out=_nd(self.z))
+            z.wait_to_read()
+            start = time.perf_counter()
+            z.backward(out_grad=_nd(self.g))
+            x_grad.copyto(_nd(self.e)).wait_to_read()
+            return time.perf_counter() - start
+        start = time.perf_counter()
+        if product == "logits":
+            if kernel == "onednn":
+                mx.nd.FullyConnected(_nd(self.x), _nd(self.w), no_bias=True, num_hidden=self.k,
+                                     out=_nd(self.z)).wait_to_read()
+            elif kernel == "dot":
+                mx.nd.dot(_nd(self.x), _nd(self.w), transpose_b=True, out=_nd(self.z)).wait_to_read()
+            else:
+                np.matmul(self.x, self.w.T, out=self.z)
+        elif product == "embedding":
+            if kernel == "onednn":
+                mx.nd.FullyConnected(_nd(self.g), _nd(self.w_t), no_bias=True, num_hidden=self.dim,
+                                     out=_nd(self.e)).wait_to_read()
+            elif kernel == "dot":
+                mx.nd.dot(_nd(self.g), _nd(self.w), out=_nd(self.e)).wait_to_read()
+            else:
+                np.matmul(self.g, self.w, out=self.e)
+        else:
+            x_t, x = _nd(self.x_t), _nd(self.x)
+            for lo in range(0, self.k, self.block_rows):
+                hi = min(lo + self.block_rows, self.k)
+                out = self.c[:hi - lo]
+                if kernel == "onednn":
+                    mx.nd.FullyConnected(_nd(self.g_t[lo:hi]), x_t, no_bias=True, num_hidden=self.dim,
+                                         out=_nd(out)).wait_to_read()
+                elif kernel == "dot":
+                    mx.nd.dot(_nd(self.g_t[lo:hi]), x, out=_nd(out)).wait_to_read()
+                elif kernel == "numpy":
+                    np.matmul(self.g_t[lo:hi], self.x, out=out)
+                else:
+                    np.matmul(self.g[:, lo:hi].T, self.x, out=out)
+        return time.perf_counter() - start
+
+
+def floor_worker(conn, batch, k, dim, block_rows, rounds):
+    """The independent floor's process: time every kernel (one warm-up round, then ``rounds``), report the
+    fastest of each product, then answer each request with one timing of those three products (ms)."""
+    floor = FloorProducts(batch, k, dim, block_rows)
+    best = {p: {kernel: float("inf") for kernel in FLOOR_KERNELS[p]} for p in PRODUCTS}
+    for done in range(rounds + 1):
+        for product in PRODUCTS:
+            for kernel in FLOOR_KERNELS[product]:
+                seconds = floor.run(product, kernel)
+                if done:
+                    best[product][kernel] = min(best[product][kernel], seconds)
+    kernels = {p: min(best[p], key=best[p].get) for p in PRODUCTS}
+    conn.send({"kernels": kernels, "candidate_ms": {p: {kn: round(1000 * s, 2) for kn, s in best[p].items()}
+                                                    for p in PRODUCTS}})
+    while conn.recv():
+        conn.send({p: 1000.0 * floor.run(p, kernels[p]) for p in PRODUCTS})
+
+
+class FloorWorker:
+    """The independent floor in a fresh process (spawned: no head, no Horovod), asked for one timing at a time."""
+
+    def __init__(self, batch, k, dim, block_rows, rounds):
+        self._conn, child = multiprocessing.get_context("spawn").Pipe()
+        self._proc = multiprocessing.get_context("spawn").Process(
+            target=floor_worker, args=(child, batch, k, dim, block_rows, rounds), daemon=True)
+        self._proc.start()
+        child.close()
+        self.info = self._receive()
+
+    def _receive(self):
+        try:
+            return self._conn.recv()
+        except EOFError:
+            raise RuntimeError("the floor process died (exit code %s)" % self._proc.exitcode) from None
 
     def time_ms(self):
-        start = time.perf_counter()
-        mx.nd.FullyConnected(self.xn, self.wn, no_bias=True, num_hidden=self.num_sample).wait_to_read()  # logits
-        mx.nd.FullyConnected(self.grad, self.wn_t, no_bias=True, num_hidden=self.dim).wait_to_read()    # emb grad
-        mx.nd.FullyConnected(self.grad_t, self.xn_t, no_bias=True, num_hidden=self.dim).wait_to_read()  # centre grad
-        return 1000.0 * (time.perf_counter() - start)
+        self._conn.send(True)
+        return self._receive()
+
+    def close(self):
+        try:
+            self._conn.send(False)
+        except OSError:
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join()
+        self._conn.close()
+
+
+class ChosenFloor:
+    """The head's own products (``products.py``) with the kernels it chose, on random operands of its shapes."""
+
+    def __init__(self, choice, batch, k, dim, block_rows):
+        rng = np.random.default_rng(1)
+        self.choice, self.k, self.block_rows = choice, k, block_rows
+        self.x = rng.standard_normal((batch, dim), dtype=np.float32)
+        self.w = rng.standard_normal((k, dim), dtype=np.float32)
+        self.z = np.empty((batch, k), np.float32)
+        self.scratch = np.empty((min(block_rows, k), batch), np.float32)
+        self.c = np.empty((min(block_rows, k), dim), np.float32)
+
+    def time_ms(self):
+        from recognition.partial_fc import products
+        t0 = time.perf_counter()
+        product = products.LogitsProduct(self.x, self.w, self.z, self.choice["logits"], self.choice["embedding"])
+        t1 = time.perf_counter()
+        product.data_grad()
+        t2 = time.perf_counter()
+        centre = products.CentreProduct(self.x, self.choice["centre"])
+        for lo in range(0, self.k, self.block_rows):
+            hi = min(lo + self.block_rows, self.k)
+            centre.block(self.z, lo, hi, self.scratch, self.c[:hi - lo])
+        t3 = time.perf_counter()
+        return dict(zip(PRODUCTS, (1000.0 * (t1 - t0), 1000.0 * (t2 - t1), 1000.0 * (t3 - t2))))
+
+
+def ratios(step_ms, floor_ms):
+    """(median, min, max, per-round) of the rounds' median step / median floor."""
+    per_round = [float(np.median(s) / np.median([sum(f.values()) for f in fl])) for s, fl in zip(step_ms, floor_ms)]
+    return (round(float(np.median(per_round)), 3), round(min(per_round), 3), round(max(per_round), 3),
+            [round(r, 3) for r in per_round])
+
+
+def product_medians(floor_ms):
+    """{product: median ms}, and the median total, over every timed floor."""
+    every = [f for fl in floor_ms for f in fl]
+    return ({p: round(float(np.median([f[p] for f in every])), 2) for p in PRODUCTS},
+            round(float(np.median([sum(f.values()) for f in every])), 2))
 
 
 def main(argv=None):
     args = parse_args(argv)
     if not 1 <= args.rounds <= args.steps:
         raise SystemExit("--rounds must be between 1 and --steps (%d), got %d" % (args.steps, args.rounds))
+    import horovod.mxnet as hvd
+    from recognition.dist import barrier, shard_range
+    from recognition.partial_fc.kernels_cpu import UPDATE_BLOCK_FLOATS
+    from recognition.partial_fc.operator import PartialFC
+    from recognition.partial_fc.sampler import num_sample_for
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     if rank == 0:
         warn_if_generic_blas()
-    t0 = time.perf_counter()
-    pfc = PartialFC(args.num_classes, args.embedding_size, sample_ratio=args.sample_ratio,
-                    bank_location=args.bank_location, kernels=args.kernels, disk_dir=args.disk_dir, seed=0)
-    init_s = time.perf_counter() - t0
+    batch, dim = size * args.batch_size, args.embedding_size
+    start, end = shard_range(args.num_classes, size, rank)
+    k = num_sample_for(end - start, args.sample_ratio)
+    floor = None
+    if not args.no_floor:       # before the head exists, on every rank at once (the ranks' products overlap)
+        barrier()
+        t0 = time.perf_counter()
+        floor = FloorWorker(batch, k, dim, args.block_rows, args.floor_rounds)
+        if rank == 0:
+            print("independent floor (%.1f s): %s" % (time.perf_counter() - t0, json.dumps(floor.info)), flush=True)
+        barrier()
+    try:
+        t0 = time.perf_counter()
+        pfc = PartialFC(args.num_classes, dim, sample_ratio=args.sample_ratio, bank_location=args.bank_location,
+                        kernels=args.kernels, disk_dir=args.disk_dir, seed=0)
+        init_s = time.perf_counter() - t0
+        result = run_steps(args, pfc, floor, batch, k, dim, UPDATE_BLOCK_FLOATS // dim, rank, size, barrier)
+        result["init_s"] = round(init_s, 2)
+    finally:
+        if floor is not None:
+            floor.close()
+    gathered = hvd.allgather(mx.nd.array([[result["peak_anon_mb"], result["peak_rss_mb"]]]), name="bench.mem")
+    result["peak_anon_mb_per_rank"] = [round(float(v), 1) for v in gathered.asnumpy()[:, 0]]
+    if rank == 0:
+        print(json.dumps(result), flush=True)
+
+
+def run_steps(args, pfc, floor, batch, k, dim, head_block_rows, rank, size, barrier):
+    """The warm-up and timed steps, each followed by both floors; returns the result dict (rank's own)."""
     rng = np.random.default_rng([1, rank])
-    floor = None if args.no_floor else GemmFloor(size * args.batch_size, pfc.num_sample, args.embedding_size)
-    step_ms, floor_ms, peak_anon = [[] for _ in range(args.rounds)], [[] for _ in range(args.rounds)], anon_rss_mb()
+    chosen = None
+    step_ms, floor_ms, chosen_ms = ([[] for _ in range(args.rounds)] for _ in range(3))
+    peak_anon = anon_rss_mb()
     round_of = np.repeat(np.arange(args.rounds), [len(c) for c in np.array_split(np.arange(args.steps), args.rounds)])
     step_phases = []      # per timed step: {phase: ms}
     total = args.warmup + args.steps
     started = time.perf_counter()
     for step in range(total):
-        x = mx.nd.array(rng.standard_normal((args.batch_size, args.embedding_size), dtype=np.float32))
+        x = mx.nd.array(rng.standard_normal((args.batch_size, dim), dtype=np.float32))
         y = mx.nd.array(rng.integers(0, args.num_classes, args.batch_size), dtype="int64")
         before = dict(pfc.timings)
         barrier()       # the ranks start together: a step's collectives wait only for the step's own work
@@ -111,46 +293,58 @@ def main(argv=None):
         pfc.update(0.1)
         grad.wait_to_read()
         elapsed = 1000.0 * (time.perf_counter() - start)
-        # the floor is timed right after each step, so both see the same machine load
+        choice = getattr(pfc._head, "choice", None)     # the CPU kernel set's products (None: the NDArray set)
+        if floor is not None and chosen is None and choice is not None:
+            chosen = ChosenFloor(choice, batch, k, dim, head_block_rows)
+        # the floors are timed right after each step, so all see the same machine load
         barrier()
-        gemm = floor.time_ms() if floor is not None else float("nan")
-        round_index = round_of[step - args.warmup] if step >= args.warmup else -1
+        indep = floor.time_ms() if floor is not None else None
+        barrier()
+        own = chosen.time_ms() if chosen is not None else None
+        r = round_of[step - args.warmup] if step >= args.warmup else -1
         if step >= args.warmup:
-            step_ms[round_index].append(elapsed)
-            floor_ms[round_index].append(gemm)
-            step_phases.append({k: 1000.0 * (v - before.get(k, 0.0)) for k, v in pfc.timings.items()})
+            step_ms[r].append(elapsed)
+            floor_ms[r].append(indep)
+            chosen_ms[r].append(own)
+            step_phases.append({name: 1000.0 * (v - before.get(name, 0.0)) for name, v in pfc.timings.items()})
         peak_anon = max(peak_anon, anon_rss_mb())
         if rank == 0:
             eta = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
-            print("step %3d/%d %s %8.1f ms  (GEMM floor %6.1f ms)  loss %.4f  ETA %.0f s"
-                  % (step + 1, total, "warm-up  " if step < args.warmup else "round %d/%d" % (round_index + 1,
-                     args.rounds), elapsed, gemm, loss, eta), flush=True)
-    phases = {k: float(np.median([p.get(k, 0.0) for p in step_phases])) for k in step_phases[-1]}
-    ms = float(np.median(np.concatenate(step_ms)))
-    ratios = None if floor is None else [float(np.median(s) / np.median(f)) for s, f in zip(step_ms, floor_ms)]
+            print("step %3d/%d %s %8.1f ms  (floor %s, chosen %s ms)  loss %.4f  ETA %.0f s"
+                  % (step + 1, total, "warm-up  " if step < args.warmup else "round %d/%d" % (r + 1, args.rounds),
+                     elapsed, "%.1f" % sum(indep.values()) if indep else "-",
+                     "%.1f" % sum(own.values()) if own else "-", loss, eta), flush=True)
+    phases = {name: float(np.median([p.get(name, 0.0) for p in step_phases])) for name in step_phases[-1]}
     result = {
         "num_classes": args.num_classes, "sample_ratio": args.sample_ratio, "world_size": size,
-        "batch_size": args.batch_size, "embedding_size": args.embedding_size, "num_sample": pfc.num_sample,
+        "batch_size": args.batch_size, "embedding_size": dim, "num_sample": pfc.num_sample,
         "bank_location": args.bank_location, "kernels": pfc.kernels, "steps": args.steps, "rounds": args.rounds,
-        "ms_per_step": round(ms, 2),
-        "gemm_ms_per_step": None if floor is None else round(float(np.median(np.concatenate(floor_ms))), 2),
-        "ratio": None if ratios is None else round(float(np.median(ratios)), 3),
-        "ratio_min": None if ratios is None else round(min(ratios), 3),
-        "ratio_max": None if ratios is None else round(max(ratios), 3),
-        "round_ratios": None if ratios is None else [round(r, 3) for r in ratios],
+        "ms_per_step": round(float(np.median(np.concatenate(step_ms))), 2),
+    }
+    if floor is not None:
+        result["ratio"], result["ratio_min"], result["ratio_max"], result["round_ratios"] = ratios(step_ms, floor_ms)
+        result["floor_product_ms"], result["floor_ms"] = product_medians(floor_ms)
+        result["floor_kernels"], result["floor_candidate_ms"] = floor.info["kernels"], floor.info["candidate_ms"]
+    if chosen is not None:
+        (result["ratio_chosen"], result["ratio_chosen_min"], result["ratio_chosen_max"],
+         result["round_ratios_chosen"]) = ratios(step_ms, chosen_ms)
+        result["chosen_product_ms"], result["chosen_floor_ms"] = product_medians(chosen_ms)
+    choice = getattr(pfc._head, "choice", None)
+    if choice is not None:
+        result["head_kernels"], result["head_choice_how"] = choice.kernels, choice.how
+        result["head_choice_s"], result["head_choice_rows"] = round(choice.seconds, 3), choice.timed_rows
+        result["head_choice_ms"] = choice.ms and {p: {kn: round(v, 2) for kn, v in m.items()}
+                                                  for p, m in choice.ms.items()}
+    result.update({
         "sample_ms": round(phases.get("sample", 0.0), 2),
         "bank_ms": round(phases.get("bank_pull", 0.0) + phases.get("bank_push", 0.0), 2),
-        "phase_ms": {k: round(v, 2) for k, v in sorted(phases.items())},
-        "init_s": round(init_s, 2),
+        "phase_ms": {name: round(v, 2) for name, v in sorted(phases.items())},
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
         "peak_anon_mb": round(peak_anon, 1),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cpu": cpu_model(), "blas": blas_cores(), "load_avg": [round(v, 2) for v in os.getloadavg()],
-    }
-    gathered = hvd.allgather(mx.nd.array([[result["peak_anon_mb"], result["peak_rss_mb"]]]), name="bench.mem")
-    result["peak_anon_mb_per_rank"] = [round(float(v), 1) for v in gathered.asnumpy()[:, 0]]
-    if rank == 0:
-        print(json.dumps(result), flush=True)
+    })
+    return result
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 The OpenBLAS bundled with a numpy or MXNet wheel picks its kernels (its "core") from the CPU when it loads. A
 build older than the CPU does not recognise it and falls back to a generic core such as "Prescott" (SSE3),
 several times slower on an AVX2 or AVX-512 machine, and from one run to the next the same command can then
-differ by 3x. The Partial FC step keeps its products off numpy's BLAS (``recognition/partial_fc/products.py``); tools and
-evaluation still use it. ``warn_if_generic_blas`` logs one warning that names the fix, ``OPENBLAS_CORETYPE``;
-it never sets it (the variable only works before the library loads, and the choice is the user's).
+differ by 3x. The Partial FC step uses numpy's BLAS only where it runs a core made for this CPU
+(``recognition/partial_fc/product_choice.py``); tools and evaluation use it regardless.
+``warn_if_generic_blas`` logs one warning that names the fix, ``OPENBLAS_CORETYPE``; it never sets it (the
+variable only works before the library loads, and the choice is the user's).
 """
 import functools
 import logging

@@ -5,7 +5,7 @@ logits, the margin on each target, the exact softmax over every rank's samples, 
 later the centre gradient and the SGD update of the sampled rows. Two sets exist and must agree to float32
 rounding (``tests/partial_fc/test_kernels.py`` runs both against one NumPy reference):
 
-    kernels_cpu.py      NumPy arrays on the host, every product through MXNet's oneDNN (``products.py``)
+    kernels_cpu.py      NumPy arrays on the host, each product in the kernel fastest on this CPU (``products.py``)
     kernels_ndarray.py  NDArrays on the operator's context: what a GPU runs
 """
 from abc import ABC, abstractmethod

@@ -1,5 +1,5 @@
-"""Partial FC's CPU kernel set: NumPy arrays on the host, every matrix product through MXNet's oneDNN
-(``products.py``: numpy's BLAS may run a generic core on a CPU it does not know).
+"""Partial FC's CPU kernel set: NumPy arrays on the host; each matrix product runs the kernel (oneDNN, MXNet's
+``nd.dot`` or numpy's BLAS, ``products.py``) that the first step found fastest on this CPU (``product_choice.py``).
 
 The logits are laid out batch-major (B, k) with the scale folded into the embeddings, so the product gives
 z = s * cos directly and oneDNN's softmax runs along contiguous rows. The centre gradient and update go a block
@@ -9,8 +9,7 @@ thread runs while the next block's product (and then the next step's forward) ru
 import numpy as np
 
 from recognition.common.rows import Workspace
-from recognition.partial_fc import products
-from recognition.partial_fc.cpu_kernels import transpose_columns
+from recognition.partial_fc import product_choice, products
 from recognition.partial_fc.kernels import HeadKernels, softmax_stats
 from recognition.progress import PhaseClock
 
@@ -23,11 +22,16 @@ UPDATE_BUFFERS = {"device": 3, "host": 3, "disk": 8}
 
 
 class CPUKernels(HeadKernels):
-    """See ``kernels.HeadKernels``; ``timings`` gets the seconds of the update's phases."""
+    """See ``kernels.HeadKernels``; ``timings`` gets the seconds of the update's phases. ``cpu_products``: a
+    ``PFC_CPU_PRODUCTS`` value (None: the environment's); ``choice`` holds the products' kernels after the first
+    step (``product_choice.ProductChoice``)."""
 
-    def __init__(self, ctx, bank_location="device", timings=None, **kwargs):
+    def __init__(self, ctx, bank_location="device", timings=None, cpu_products=None, **kwargs):
         super().__init__(ctx, **kwargs)
         self.timings = timings
+        self.choice = None
+        # a bad setting fails here, before any collective, not at the first step
+        self._candidates = product_choice.resolve(cpu_products)
         self._update_buffers = UPDATE_BUFFERS.get(bank_location, 3)
         self._workspace = Workspace()
         self._push_workspace = Workspace()   # the update's blocks (their jobs run on the bank thread)
@@ -39,7 +43,12 @@ class CPUKernels(HeadKernels):
         scale = np.float32(self.scale)
         x_scaled = xn * scale
         logits = self._workspace.get("logits", (batch, k))
-        product = products.LogitsProduct(x_scaled, wn, logits)
+        if self.choice is None:         # the first step: time the products' kernels on its operands
+            logits.fill(0.0)            # the centre blocks are timed on this buffer: its pages, not the zero page
+            self.choice = product_choice.choose(x_scaled, wn, max(1, UPDATE_BLOCK_FLOATS // xn.shape[1]),
+                                                self._candidates, grad=logits)
+            clock.tick("product_choice")
+        product = products.LogitsProduct(x_scaled, wn, logits, self.choice["logits"], self.choice["embedding"])
         clock.tick("logits_gemm")
 
         r = np.flatnonzero(target_col >= 0)     # the global rows whose class this rank holds
@@ -84,7 +93,7 @@ class CPUKernels(HeadKernels):
         clock = PhaseClock(self.timings)
         grad_logits, index, inv_norm = p["grad_logits"], p["index"], p["inv_norm"]
         (batch, k), dim = grad_logits.shape, p["x_scaled"].shape[1]
-        x_t = products.transposed_nd(p["x_scaled"])
+        centre = products.CentreProduct(p["x_scaled"], self.choice["centre"])
         rows = max(1, UPDATE_BLOCK_FLOATS // dim)
         jobs = [None] * self._update_buffers
         for n, lo in enumerate(range(0, k, rows)):
@@ -92,9 +101,8 @@ class CPUKernels(HeadKernels):
             if jobs[slot] is not None:
                 jobs[slot].exception()      # its buffer is free again (a failure is reported by the next step)
                 clock.tick("bank_push")
-            block_t = transpose_columns(grad_logits, lo, hi, self._push_workspace.get("grad_t", (rows, batch)))
-            grad_unit = products.rows_times(block_t, x_t,
-                                            self._push_workspace.get("grad_block%d" % slot, (hi - lo, dim)))
+            grad_unit = centre.block(grad_logits, lo, hi, self._push_workspace.get("grad_t", (rows, batch)),
+                                     self._push_workspace.get("grad_block%d" % slot, (hi - lo, dim)))
             clock.tick("centre_gemm")
             jobs[slot] = self.bank_jobs.submit("update step %d, rows %d-%d" % (step, lo, hi), self._push_block,
                                                index, lo, hi, grad_unit, inv_norm, lr)
@@ -108,5 +116,5 @@ class CPUKernels(HeadKernels):
         p = self.pending
         grad_logits, x_scaled = p["grad_logits"], p["x_scaled"]
         (batch, k), dim = grad_logits.shape, x_scaled.shape[1]
-        grad_t = transpose_columns(grad_logits, 0, k, np.empty((k, batch), np.float32))
-        return products.rows_times(grad_t, products.transposed_nd(x_scaled), np.empty((k, dim), np.float32))
+        centre = products.CentreProduct(x_scaled, self.choice["centre"])
+        return centre.block(grad_logits, 0, k, np.empty((k, batch), np.float32), np.empty((k, dim), np.float32))

@@ -20,8 +20,9 @@ differ by at most one: no padded phantom classes). One training step, ``forward_
    receiving its own rows; the sampled centres' gradient is kept for ``update(lr)``, which applies SGD with
    momentum and weight decay to exactly those rows in the bank.
 
-Two interchangeable kernel sets do steps 3-5 (``kernels.py``): NumPy arrays with every matrix product through
-MXNet's oneDNN (``kernels_cpu.py``, the CPU's) and NDArrays on ``ctx`` (``kernels_ndarray.py``, what a GPU uses).
+Two interchangeable kernel sets do steps 3-5 (``kernels.py``): NumPy arrays with each matrix product in the
+kernel found fastest on this CPU (``kernels_cpu.py``, the CPU's) and NDArrays on ``ctx`` (``kernels_ndarray.py``,
+what a GPU uses).
 ``kernels='auto'`` picks NumPy on a CPU context and NDArray otherwise. The input protocol of step 1 is shared
 with FFC (``recognition.common.collective_input``).
 
