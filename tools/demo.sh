@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job (`make demo`), end to end on CPU in about 11 minutes on 2 cores (`make demo METHOD=ffc`: 6):
+# The main job (`make demo`), end to end on CPU in about 8 minutes on 2 cores (`make demo METHOD=ffc`: 6):
 #   1. draw synthetic identities and pack them as InsightFace RecordIO (train.rec/.idx/property) plus
 #      holdout.bin, pairs of identities that training never sees (tools/make_synthetic.py);
 #   2. train a MobileFaceNet with Partial FC (2 Horovod ranks over Gloo, half the centres sampled per step),
