@@ -1,4 +1,4 @@
-"""Fused per-row CPU kernels of the memory bank (numba), one pass over the sampled rows each.
+"""Fused per-row CPU kernels of the memory bank and the CPU head (numba), one pass over the rows each.
 
 NumPy would need six or more passes over the (num_sample, D) block for the same work (gather, norm, divide;
 then the normalisation backward and the SGD step, plus gathers and scatters of the momentum); these loops read
@@ -93,21 +93,63 @@ def _gather_normalize(weight, index, identity, out, inv_norm):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _fused_sgd(weight, mom, index, identity, offset, grad_unit, inv_norm, lr, momentum, wd):
-    n, dim = grad_unit.shape
+def _inv_norms(weight, index, identity, lo, hi, out):
+    """out[r] = 1 / max(||weight[r]||, NORM_EPS) for the rows r = index[i] (or lo .. hi - 1). Every 1/norm a bank
+    keeps comes from this one compiled loop (C-contiguous float32 rows, one signature), so a norm kept up to date
+    after an update has the same bits as the norm recomputed from the same row after a resume."""
+    n = hi - lo if identity else index.shape[0]
+    for i in range(n):
+        r = lo + i if identity else index[i]
+        acc = np.float32(0.0)
+        for j in range(weight.shape[1]):
+            acc += weight[r, j] * weight[r, j]
+        norm = np.sqrt(acc)
+        out[r] = np.float32(1.0) / (norm if norm > NORM_EPS else np.float32(NORM_EPS))
+
+
+@njit(cache=True, nogil=True)
+def _gather_rows(weight, index, out):
+    for i in range(index.shape[0]):
+        out[i, :] = weight[index[i], :]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _fused_sgd(weight, mom, index, identity, offset, grad, inv_norm, lr, momentum, wd, scaled):
+    """The SGD step of ``fused_sgd`` (``scaled`` False) or ``fused_sgd_scaled`` (True) on each row."""
+    n, dim = grad.shape
     for i in range(n):
         r = offset + i if identity else index[i]
         inv = inv_norm[i]
-        dot = np.float32(0.0)                       # unit . grad_unit, with unit = w * inv
+        dot = np.float32(0.0)
         for j in range(dim):
-            dot += weight[r, j] * grad_unit[i, j]
-        dot *= inv
+            dot += weight[r, j] * grad[i, j]
+        # g = (gu - u (u . gu)) inv with u = w inv, or g = h - w inv^2 (w . h) with h = gu inv: g = a grad - c w
+        a = np.float32(1.0) if scaled else inv
+        c = inv * inv * dot * a
         for j in range(dim):
             w = weight[r, j]
-            g = (grad_unit[i, j] - w * inv * dot) * inv        # normalisation backward
+            g = a * grad[i, j] - c * w                           # normalisation backward
             v = momentum * mom[r, j] - lr * (g + wd * w)      # sgd_mom_update
             mom[r, j] = v
             weight[r, j] = w + v
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _scale_columns(a, row_factor, col_factor, rows_too):
+    batch, k = a.shape
+    for b in range(batch):
+        f = row_factor[b] if rows_too else np.float32(1.0)
+        for j in range(k):
+            a[b, j] *= f * col_factor[j]
+
+
+def scale_columns(a, col_factor, row_factor=None):
+    """a[b, j] *= col_factor[j] (times row_factor[b] when given), in place on a C-contiguous float32 (B, k): one
+    pass over the head's logits."""
+    rows_too = row_factor is not None
+    _scale_columns(a, np.ascontiguousarray(row_factor if rows_too else np.ones(1), dtype=np.float32),
+                   np.ascontiguousarray(col_factor, dtype=np.float32), rows_too)
+    return a
 
 
 @njit(cache=True, nogil=True)
@@ -147,13 +189,46 @@ def normal_rows(class_ids, key, std, out, selected=None, momentum=None):
     _normal_rows(ids, mask, selected is None, np.uint64(key), np.float32(std), out, mom, momentum is not None)
 
 
-def fused_sgd(weight, mom, index, grad_unit, inv_norm, lr, momentum, wd, offset=0):
+def fused_sgd(weight, mom, index, grad_unit, inv_norm, lr, momentum, wd, offset=0, norms=None):
     """In place on rows ``index`` of weight/mom: g = (gu - u (u.gu)) / ||w||; v = m v - lr (g + wd w); w += v.
 
     ``grad_unit`` is d(loss)/d(normalised row), ``inv_norm`` the 1/||w|| used in the forward pass. With
-    ``index`` None the rows are offset, offset + 1, ... (a block of a full-shard step).
+    ``index`` None the rows are offset, offset + 1, ... (a block of a full-shard step). ``norms``: a bank's
+    (num_rows,) array of 1/norms, kept up to date for the updated rows (``row_inv_norms``' values).
     """
+    _sgd(weight, mom, index, grad_unit, inv_norm, lr, momentum, wd, offset, norms, False)
+
+
+def fused_sgd_scaled(weight, mom, index, grad_scaled, inv_norm, lr, momentum, wd, offset=0, norms=None):
+    """``fused_sgd`` given h = gu / ||w|| (what the CPU head's raw-row products give): g = h - w (w.h) / ||w||^2."""
+    _sgd(weight, mom, index, grad_scaled, inv_norm, lr, momentum, wd, offset, norms, True)
+
+
+def _sgd(weight, mom, index, grad, inv_norm, lr, momentum, wd, offset, norms, scaled):
     idx = np.zeros(1, np.int64) if index is None else np.ascontiguousarray(index, dtype=np.int64)
-    _fused_sgd(weight, mom, idx, index is None, int(offset), np.ascontiguousarray(grad_unit, dtype=np.float32),
+    _fused_sgd(weight, mom, idx, index is None, int(offset), np.ascontiguousarray(grad, dtype=np.float32),
                np.ascontiguousarray(inv_norm, dtype=np.float32), np.float32(lr), np.float32(momentum),
-               np.float32(wd))
+               np.float32(wd), scaled)
+    if norms is not None:
+        n = grad.shape[0]
+        update_inv_norms(weight, norms, idx if index is not None else None, offset, offset + n)
+
+
+def update_inv_norms(weight, norms, index=None, lo=0, hi=None):
+    """norms[r] = 1 / max(||weight[r]||, NORM_EPS) for the rows ``index`` (or lo .. hi - 1) of a C-contiguous
+    float32 ``weight``: the only way a bank's kept 1/norms are computed (see ``_inv_norms``)."""
+    hi = weight.shape[0] if hi is None else hi
+    idx = np.zeros(1, np.int64) if index is None else np.ascontiguousarray(index, dtype=np.int64)
+    _inv_norms(weight, idx, index is None, int(lo), int(hi), norms)
+    return norms
+
+
+def row_inv_norms(weight):
+    """1 / max(||row||, NORM_EPS) of every row of a C-contiguous float32 ``weight`` (the bits a bank keeps)."""
+    return update_inv_norms(weight, np.empty(weight.shape[0], np.float32))
+
+
+def gather_rows(weight, index, out):
+    """out[i] = weight[index[i]] (raw rows, for the products), returns out[:len(index)]."""
+    _gather_rows(weight, np.ascontiguousarray(index, dtype=np.int64), out)
+    return out[:len(index)]

@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit
 
 from recognition.partial_fc import cpu_kernels
+from recognition.partial_fc.bank_contract import RawRowBank
 from recognition.partial_fc.cpu_kernels import INIT_STD, init_key
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -65,10 +66,8 @@ def _write_runs(fd, rows, base, row_bytes):
     return -1
 
 
-class DiskBank:
-    """Centres and momentum of one shard in a local file; same interface as HostBank."""
-
-    native = "numpy"
+class DiskBank(RawRowBank):
+    """Centres and momentum of one shard in a local file (see ``bank_contract``)."""
 
     def __init__(self, num_local, dim, class_start, seed=0, directory=None):
         self.num_local, self.dim, self.class_start, self.seed = int(num_local), int(dim), int(class_start), seed
@@ -113,14 +112,29 @@ class DiskBank:
         self._pulled = (rows, buf)
         return cpu_kernels.gather_normalize(buf[:, 0], None, self._workspace)
 
+    def pull_raw(self, index):
+        """(raw rows, 1/norms) of rows ``index``, read from disk (a contiguous copy of the row buffer's centres)."""
+        rows = np.arange(self.num_local, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
+        buf = self._load(rows)
+        self._pulled = (rows, buf)
+        raw = self._workspace.get("raw", (rows.size, self.dim))
+        raw[...] = buf[:, 0]
+        return raw, cpu_kernels.row_inv_norms(raw)
+
     def apply_grad(self, index, grad_unit, inv_norm, lr, momentum, wd, offset=0):
         """Update the pulled rows at positions [offset, offset + len(grad_unit)) and write them back."""
+        self._update(cpu_kernels.fused_sgd, grad_unit, inv_norm, lr, momentum, wd, offset)
+
+    def apply_scaled_grad(self, index, grad_scaled, inv_norm, lr, momentum, wd, offset=0):
+        self._update(cpu_kernels.fused_sgd_scaled, grad_scaled, inv_norm, lr, momentum, wd, offset)
+
+    def _update(self, sgd, grad, inv_norm, lr, momentum, wd, offset):
         if self._pulled is None:
-            raise RuntimeError("DiskBank.apply_grad without a pull")
+            raise RuntimeError("DiskBank: an update without a pull")
         rows, buf = self._pulled
-        n = grad_unit.shape[0]
+        n = grad.shape[0]
         block = buf[offset:offset + n]
-        cpu_kernels.fused_sgd(block[:, 0], block[:, 1], None, grad_unit, inv_norm, lr, momentum, wd)
+        sgd(block[:, 0], block[:, 1], None, grad, inv_norm, lr, momentum, wd)
         self._store(rows[offset:offset + n], block)
 
     def read(self, lo, hi):

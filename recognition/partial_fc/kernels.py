@@ -31,20 +31,27 @@ class HeadKernels(ABC):
         self.bank, self.bank_jobs = bank, bank_jobs
         self.pending = None
 
+    def pull(self, index):
+        """This set's view of bank rows ``index`` (None: all) for ``forward_backward``: (rows, 1/norms). Unit rows
+        here (``bank.pull``); a set may ask the bank for another layout. Runs as a bank job."""
+        return self.bank.pull(index)
+
     @abstractmethod
-    def forward_backward(self, xn, unit, inv_norm, index, target_col, labelled, clock):
+    def forward_backward(self, xn, rows, inv_norm, index, target_col, labelled, clock):
         """Loss and d loss / d xn (NumPy (B, D)) of the global batch's unit embeddings ``xn`` against this rank's
-        pulled ``unit`` rows (1 / norms ``inv_norm``) of bank rows ``index`` (None: all). ``target_col[i]``: the
-        column of row i's class among the pulled rows, -1 when another rank holds it; ``labelled[i]``: row i
-        takes part in the loss. The loss is the mean over labelled rows, the same float on every rank."""
+        ``rows``, 1 / norms ``inv_norm``, of bank rows ``index`` (None: all), as ``pull`` gave them.
+        ``target_col[i]``: the column of row i's class among the pulled rows, -1 when another rank holds it;
+        ``labelled[i]``: row i takes part in the loss. The loss is the mean over labelled rows, the same float on
+        every rank."""
 
     @abstractmethod
     def update(self, lr, step):
         """SGD-momentum on the rows of the last ``forward_backward`` (``step`` names the bank jobs)."""
 
     @abstractmethod
-    def unit_grad(self):
-        """d loss / d (the pulled unit rows) of the pending step, in the bank's array kind."""
+    def centre_grad(self):
+        """d loss / d (the sampled centres' raw rows) of the pending step, NumPy (k, D): for tests and
+        inspection."""
 
 
 def softmax_stats(row_max_local, row_sum_local, target_logit, has_target, labelled):

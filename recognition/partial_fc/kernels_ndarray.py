@@ -8,6 +8,7 @@ import numpy as np
 import mxnet as mx
 
 from recognition.partial_fc.kernels import HeadKernels, softmax_stats
+from recognition.common.rows import normalization_backward
 from recognition.progress import PhaseClock
 
 
@@ -66,8 +67,11 @@ class NDArrayKernels(HeadKernels):
         self.bank.apply_grad(p["index"], grad_unit, p["inv_norm"], lr, self.momentum, self.weight_decay)
         clock.tick("bank_push")
 
-    def unit_grad(self):
-        return self._unit_grad(self.pending)
+    def centre_grad(self):
+        p = self.pending
+        grad_unit, unit, inv_norm = self._unit_grad(p), p["unit"], p["inv_norm"]
+        as_numpy = lambda a: a.asnumpy() if isinstance(a, mx.nd.NDArray) else np.asarray(a)    # noqa: E731
+        return normalization_backward(as_numpy(unit), as_numpy(inv_norm), as_numpy(grad_unit))
 
     def _unit_grad(self, p):
         """d(loss)/d(normalised sampled rows) = grad_cos^T . xn, in the bank's native array kind."""

@@ -12,7 +12,7 @@ Where the shard lives:
 * ``DeviceBank`` - NDArrays on an accelerator context (``mx.gpu(i)``);
 * ``DiskBank``   - (``disk_bank.py``) an out-of-core file for shards larger than RAM.
 
-Initial centres are a pure function of (seed, global class id) (``cpu_kernels.init_rows``), so a shard's initial rows are
+``bank_contract.py`` states what a bank provides. Initial centres are a pure function of (seed, global class id) (``cpu_kernels.init_rows``), so a shard's initial rows are
 the same whatever the world size and whichever bank holds them.
 """
 import numpy as np
@@ -20,43 +20,59 @@ import mxnet as mx
 
 from recognition.common.rows import NORM_EPS
 from recognition.partial_fc import cpu_kernels
+from recognition.partial_fc.bank_contract import MemoryBank, RawRowBank
 from recognition.partial_fc.cpu_kernels import INIT_STD, init_key, init_rows
 from recognition.partial_fc.disk_bank import DiskBank
 
-class HostBank:
-    """The shard and its momentum as NumPy arrays in host memory."""
-
-    native = "numpy"
+class HostBank(RawRowBank):
+    """The shard and its momentum as NumPy arrays in host memory, and every row's 1/norm, kept up to date by each
+    update (so a full-shard step reads no row before its products)."""
 
     def __init__(self, num_local, dim, class_start, seed=0):
         self.num_local, self.dim, self.class_start = int(num_local), int(dim), int(class_start)
-        self.weight = np.empty((self.num_local, self.dim), dtype=np.float32)
-        cpu_kernels.normal_rows(np.arange(self.num_local) + self.class_start, init_key(seed), INIT_STD, self.weight)
-        self.momentum = np.zeros_like(self.weight)
+        self._w = np.empty((self.num_local, self.dim), dtype=np.float32)
+        cpu_kernels.normal_rows(np.arange(self.num_local) + self.class_start, init_key(seed), INIT_STD, self._w)
+        self._m = np.zeros_like(self._w)
+        self.inv_norm = cpu_kernels.row_inv_norms(self._w)
         self._workspace = cpu_kernels.Workspace()   # pulled rows are valid until the next pull
 
+    @property
+    def weight(self):
+        return self._w
+
+    @property
+    def momentum(self):
+        return self._m
+
     def pull(self, index):
-        """(unit rows, 1/norms) of rows ``index`` (every row when None), float32, valid until the next pull."""
-        return cpu_kernels.gather_normalize(self.weight, index, self._workspace)
+        return cpu_kernels.gather_normalize(self._w, index, self._workspace)
+
+    def pull_raw(self, index):
+        if index is None:   # the rows themselves: no copy; the 1/norms copied (the update changes them in place)
+            return self._w, self.inv_norm.copy()
+        rows = cpu_kernels.gather_rows(self._w, index, self._workspace.get("rows", (len(index), self.dim)))
+        return rows, self.inv_norm[index]
 
     def apply_grad(self, index, grad_unit, inv_norm, lr, momentum, wd, offset=0):
-        """SGD-momentum step on rows ``index`` given d(loss)/d(unit rows) and the pull's 1/norms.
+        """See ``MemoryBank``; with ``index`` None the rows are ``offset ...`` (a pulled block in pieces)."""
+        cpu_kernels.fused_sgd(self._w, self._m, index, grad_unit, inv_norm, lr, momentum, wd, offset,
+                              norms=self.inv_norm)
 
-        With ``index`` None the rows are ``offset ...``: the caller may update a pulled block in pieces.
-        """
-        cpu_kernels.fused_sgd(self.weight, self.momentum, index, grad_unit, inv_norm, lr, momentum, wd, offset)
+    def apply_scaled_grad(self, index, grad_scaled, inv_norm, lr, momentum, wd, offset=0):
+        cpu_kernels.fused_sgd_scaled(self._w, self._m, index, grad_scaled, inv_norm, lr, momentum, wd, offset,
+                                     norms=self.inv_norm)
 
     def read(self, lo, hi):
-        """Copies of weight and momentum rows [lo, hi) (local ids), for checkpoints."""
-        return self.weight[lo:hi].copy(), self.momentum[lo:hi].copy()
+        return self._w[lo:hi].copy(), self._m[lo:hi].copy()
 
     def write(self, lo, weight, momentum):
-        """Overwrite rows [lo, lo + len(weight)) (local ids), when resuming."""
-        self.weight[lo:lo + len(weight)] = weight
-        self.momentum[lo:lo + len(momentum)] = momentum
+        hi = lo + len(weight)
+        self._w[lo:hi] = weight
+        self._m[lo:hi] = momentum
+        cpu_kernels.update_inv_norms(self._w, self.inv_norm, None, lo, hi)
 
 
-class DeviceBank:
+class DeviceBank(MemoryBank):
     """The shard and its momentum as NDArrays on ``ctx`` (an accelerator's memory)."""
 
     native = "ndarray"

@@ -137,7 +137,7 @@ class PartialFC:
         raise_problems(problems, "PartialFC: bad input at step %d" % self.step)
         y = np.concatenate([got.labels for got in ranks])
         index, target_col = self.sampler.sample(y, self.step)
-        pull = self._bank_jobs.submit("pull step %d" % self.step, self.bank.pull, index)
+        pull = self._bank_jobs.submit("pull step %d" % self.step, self._head.pull, index)
         self._prepared = (y, index, target_col, pull, local.y)
 
     def forward_backward(self, local_embeddings, local_labels):
@@ -160,13 +160,13 @@ class PartialFC:
         if prepared is None:
             index, target_col = self.sampler.sample(y, self.step)
             clock.tick("sample")
-            pulled = self._bank_jobs.wait(self._bank_jobs.submit("pull step %d" % self.step, self.bank.pull, index))
+            pulled = self._bank_jobs.wait(self._bank_jobs.submit("pull step %d" % self.step, self._head.pull, index))
             clock.tick("bank_pull")
         else:
             index, target_col = prepared[1], prepared[2]
         self._index = index
-        unit, inv_norm = pulled
-        loss, grad_xn = self._head.forward_backward(xn, unit, inv_norm, index, target_col, y != IGNORE_LABEL, clock)
+        rows, inv_norm = pulled
+        loss, grad_xn = self._head.forward_backward(xn, rows, inv_norm, index, target_col, y != IGNORE_LABEL, clock)
         b = x_local.shape[0]
         own = slice(self.rank * b, (self.rank + 1) * b)
         grad_xn_local = dist.reducescatter_sum(grad_xn, name="pfc.embedding_grad")
@@ -212,11 +212,7 @@ class PartialFC:
         """d(loss)/d(W[sampled_index]) of the last step, (num_sample, D) NumPy (for tests and inspection)."""
         if self._head.pending is None:
             raise RuntimeError("no pending step: call forward_backward() first")
-        p = self._head.pending
-        grad_unit, unit, inv_norm = self._head.unit_grad(), p["unit"], p["inv_norm"]
-        if isinstance(grad_unit, mx.nd.NDArray):
-            grad_unit, unit, inv_norm = grad_unit.asnumpy(), unit.asnumpy(), inv_norm.asnumpy()
-        return normalization_backward(np.asarray(unit), np.asarray(inv_norm), grad_unit)
+        return self._head.centre_grad()
 
     # ------------------------------------------------------------------------------------------ inputs
     def _gather_inputs(self, embeddings, labels, prepared, flags, bank_error):

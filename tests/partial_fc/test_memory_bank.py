@@ -98,3 +98,57 @@ def test_read_write_round_trip_and_bad_location():
     np.testing.assert_array_equal(got_m, 2 * w)
     with pytest.raises(ValueError, match="bank_location"):
         make_bank("cloud", mx.cpu(), 10, 4, 0)
+
+
+@pytest.mark.parametrize("bank_kind", ["host", "disk"])
+@pytest.mark.parametrize("full", [False, True])
+def test_raw_rows_and_the_scaled_update_follow_the_reference(tmp_path, bank_kind, full):
+    """The CPU kernels' path: raw rows with their 1/norms; the update given h = gu / ||w||."""
+    from recognition.partial_fc.disk_bank import DiskBank
+    num_local, dim = 30, 40        # dim not a multiple of 16: the norm's tail
+    bank = (HostBank(num_local, dim, class_start=100, seed=1) if bank_kind == "host"
+            else DiskBank(num_local, dim, class_start=100, seed=1, directory=str(tmp_path)))
+    index = None if full else np.array([2, 3, 17, 29], dtype=np.int64)
+    rows_idx = np.arange(num_local) if full else index
+    rng = np.random.default_rng(2)
+    w, v = bank.weight.astype(np.float64), np.zeros((num_local, dim))
+    for step in range(3):
+        before = bank.weight.copy()       # (the disk bank's reads reuse the pulled rows' buffer: read first)
+        rows, inv_norm = bank.pull_raw(index)
+        assert rows.flags.c_contiguous and rows.dtype == np.float32
+        np.testing.assert_array_equal(rows, before[rows_idx])
+        np.testing.assert_allclose(inv_norm, 1 / np.linalg.norm(w[rows_idx], axis=1), rtol=1e-6)
+        grad_unit = rng.standard_normal((len(rows_idx), dim))
+        h = (grad_unit * inv_norm[:, None]).astype(np.float32)
+        bank.apply_scaled_grad(index, h, inv_norm, 0.1, 0.9, 5e-4)
+        w_new, v_new = _hand_step(w[rows_idx], v[rows_idx], h / inv_norm[:, None], 0.1, 0.9, 5e-4)
+        w[rows_idx], v[rows_idx] = w_new, v_new
+        np.testing.assert_allclose(bank.weight, w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(bank.momentum, v, rtol=1e-5, atol=1e-6)
+    if bank_kind == "host":     # the kept 1/norms: the bits a fresh computation gives (resume = no resume)
+        from recognition.partial_fc.cpu_kernels import row_inv_norms
+        np.testing.assert_array_equal(bank.inv_norm, row_inv_norms(bank.weight.copy()))
+        bank.write(4, np.full((2, dim), 3.0, np.float32), np.zeros((2, dim), np.float32))
+        assert bank.inv_norm[4] == bank.inv_norm[5] == np.float32(1 / np.sqrt(9.0 * dim))
+    if bank_kind == "disk":
+        bank.close()
+
+
+def test_scale_columns_matches_numpy():
+    from recognition.partial_fc.cpu_kernels import scale_columns
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((5, 33)).astype(np.float32)
+    col, row = rng.uniform(0.5, 2, 33).astype(np.float32), rng.uniform(0.5, 2, 5).astype(np.float32)
+    np.testing.assert_allclose(scale_columns(a.copy(), col), a * col, rtol=1e-6)
+    np.testing.assert_allclose(scale_columns(a.copy(), col, row), a * col * row[:, None], rtol=1e-6)
+
+
+def test_the_cpu_kernels_refuse_a_bank_without_raw_rows():
+    from collections import defaultdict
+    from recognition.common.margin import CombinedMargin
+    from recognition.partial_fc.bank_queue import BankQueue
+    from recognition.partial_fc.kernels_cpu import CPUKernels
+    with pytest.raises(TypeError, match="raw rows in host memory.*DeviceBank"):
+        CPUKernels(mx.cpu(), scale=64.0, margin=CombinedMargin(1.0, 0.5, 0.0), interclass_filter=0.0, momentum=0.9,
+                   weight_decay=5e-4, bank=DeviceBank(4, 8, 0), bank_jobs=BankQueue(threaded=False),
+                   timings=defaultdict(float))

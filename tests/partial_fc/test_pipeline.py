@@ -20,13 +20,17 @@ def _batches(rank, steps):
 
 
 def _slow_pushes(pfc):
-    """Make every bank update start late (the race a missing ordering would lose)."""
-    apply_grad = pfc.bank.apply_grad
+    """Make every bank update start late (the race a missing ordering would lose); the NDArray kernels update
+    through apply_grad, the CPU kernels through apply_scaled_grad."""
+    for name in ("apply_grad", "apply_scaled_grad"):
+        update = getattr(pfc.bank, name, None)
+        if update is None:
+            continue
 
-    def late(*args, **kwargs):
-        time.sleep(PUSH_DELAY)
-        return apply_grad(*args, **kwargs)
-    pfc.bank.apply_grad = late
+        def late(*args, _update=update, **kwargs):
+            time.sleep(PUSH_DELAY)
+            return _update(*args, **kwargs)
+        setattr(pfc.bank, name, late)
 
 
 def _train(ratio, bank, pipelined, kernels="numpy", overtaking=False):
@@ -69,7 +73,7 @@ def _failing_bank(fail_rank):
     if hvd.rank() == fail_rank:
         def full_disk(*args, **kwargs):
             raise OSError("No space left on device (injected)")
-        pfc.bank.apply_grad = full_disk
+        pfc.bank.apply_grad = pfc.bank.apply_scaled_grad = full_disk
     errors = []
     for x, y in _batches(hvd.rank(), 2):
         labels = mx.nd.array(y, dtype="int64")

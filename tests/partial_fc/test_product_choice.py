@@ -133,15 +133,15 @@ def test_cpu_kernel_set_with_every_kernel_matches_the_reference(setting, caplog)
     ref_loss, ref_dx, ref_dw, _ = dense_reference(x, labels, w0, np.arange(k), margins, scale)
     with caplog.at_level(logging.INFO, logger="recognition.train"):
         for step in range(2):      # the second step reuses the choice (logged once)
-            unit, inv_norm = bank.pull(None)
+            rows, inv_norm = kernels.pull(None)
             xn, x_inv = l2_normalize_rows(x)
-            loss, grad_xn = kernels.forward_backward(xn, unit, inv_norm, None, labels, np.ones(batch, bool),
+            loss, grad_xn = kernels.forward_backward(xn, rows, inv_norm, None, labels, np.ones(batch, bool),
                                                      PhaseClock(defaultdict(float)))
             if step == 0:
                 assert loss == pytest.approx(ref_loss, rel=1e-5)
                 dx = normalization_backward(xn, x_inv, grad_xn)
                 np.testing.assert_allclose(dx, ref_dx, rtol=1e-4, atol=1e-5 * np.abs(ref_dx).max())
-                dw = normalization_backward(unit, inv_norm, kernels.unit_grad())
+                dw = kernels.centre_grad()
                 np.testing.assert_allclose(dw, ref_dw, rtol=1e-4, atol=1e-5 * np.abs(ref_dw).max())
             kernels.update(0.1, step)
             if step == 0:       # momentum starts at 0: one step moves each row by -lr * (grad + wd * w)

@@ -135,10 +135,10 @@ def test_a_step_calls_numpy_blas_only_when_chosen(kernel, monkeypatch):
     kernels = CPUKernels(mx.cpu(), scale=32.0, margin=CombinedMargin(1.0, 0.5, 0.0), interclass_filter=0.0,
                          momentum=0.9, weight_decay=5e-4, bank=bank, bank_jobs=BankQueue(threaded=False),
                          timings=defaultdict(float), cpu_products=kernel)
-    unit, inv_norm = bank.pull(None)
+    rows, inv_norm = kernels.pull(None)
     xn, _ = l2_normalize_rows(np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32))
-    kernels.forward_backward(xn, unit, inv_norm, None, np.arange(6), np.ones(6, bool), PhaseClock(defaultdict(float)))
-    kernels.unit_grad()
+    kernels.forward_backward(xn, rows, inv_norm, None, np.arange(6), np.ones(6, bool), PhaseClock(defaultdict(float)))
+    kernels.centre_grad()
     kernels.update(0.1, step=0)
     assert kernels.choice.kernels == dict.fromkeys(("logits", "embedding", "centre"), kernel)
     if kernel == "numpy":       # logits, embedding gradient, the unit gradient and the update's one block
