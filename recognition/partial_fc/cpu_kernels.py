@@ -107,31 +107,47 @@ def _inv_norms(weight, index, identity, lo, hi, out):
         out[r] = np.float32(1.0) / (norm if norm > NORM_EPS else np.float32(NORM_EPS))
 
 
-@njit(cache=True, nogil=True)
-def _gather_rows(weight, index, out):
+@njit(cache=True, nogil=True, fastmath=True)
+def _gather_rows(weight, index, out, inv_norm):
+    """out[i] = weight[index[i]] and inv_norm[i] its 1/norm, in one pass over the rows."""
     for i in range(index.shape[0]):
-        out[i, :] = weight[index[i], :]
+        r = index[i]
+        acc = np.float32(0.0)
+        for j in range(weight.shape[1]):
+            v = weight[r, j]
+            out[i, j] = v
+            acc += v * v
+        norm = np.sqrt(acc)
+        inv_norm[i] = np.float32(1.0) / (norm if norm > NORM_EPS else np.float32(NORM_EPS))
+
+
+NORM_CHUNK = 32     # rows updated before their norms are taken, while they are still in the first-level cache
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _fused_sgd(weight, mom, index, identity, offset, grad, inv_norm, lr, momentum, wd, scaled):
-    """The SGD step of ``fused_sgd`` (``scaled`` False) or ``fused_sgd_scaled`` (True) on each row."""
+def _fused_sgd(weight, mom, index, identity, offset, grad, inv_norm, lr, momentum, wd, scaled, norms, keep):
+    """The SGD step of ``fused_sgd`` (``scaled`` False) or ``fused_sgd_scaled`` (True) on each row; with ``keep``
+    (``index`` None only) the rows' new 1/norms go to ``norms``, by ``_inv_norms`` a few rows at a time."""
     n, dim = grad.shape
-    for i in range(n):
-        r = offset + i if identity else index[i]
-        inv = inv_norm[i]
-        dot = np.float32(0.0)
-        for j in range(dim):
-            dot += weight[r, j] * grad[i, j]
-        # g = (gu - u (u . gu)) inv with u = w inv, or g = h - w inv^2 (w . h) with h = gu inv: g = a grad - c w
-        a = np.float32(1.0) if scaled else inv
-        c = inv * inv * dot * a
-        for j in range(dim):
-            w = weight[r, j]
-            g = a * grad[i, j] - c * w                           # normalisation backward
-            v = momentum * mom[r, j] - lr * (g + wd * w)      # sgd_mom_update
-            mom[r, j] = v
-            weight[r, j] = w + v
+    for lo in range(0, n, NORM_CHUNK):
+        hi = min(lo + NORM_CHUNK, n)
+        for i in range(lo, hi):
+            r = offset + i if identity else index[i]
+            inv = inv_norm[i]
+            dot = np.float32(0.0)
+            for j in range(dim):
+                dot += weight[r, j] * grad[i, j]
+            # g = (gu - u (u . gu)) inv with u = w inv, or g = h - w inv^2 (w . h) with h = gu inv: g = a grad - c w
+            a = np.float32(1.0) if scaled else inv
+            c = inv * inv * dot * a
+            for j in range(dim):
+                w = weight[r, j]
+                g = a * grad[i, j] - c * w                           # normalisation backward
+                v = momentum * mom[r, j] - lr * (g + wd * w)      # sgd_mom_update
+                mom[r, j] = v
+                weight[r, j] = w + v
+        if keep:
+            _inv_norms(weight, index, True, offset + lo, offset + hi, norms)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -193,8 +209,8 @@ def fused_sgd(weight, mom, index, grad_unit, inv_norm, lr, momentum, wd, offset=
     """In place on rows ``index`` of weight/mom: g = (gu - u (u.gu)) / ||w||; v = m v - lr (g + wd w); w += v.
 
     ``grad_unit`` is d(loss)/d(normalised row), ``inv_norm`` the 1/||w|| used in the forward pass. With
-    ``index`` None the rows are offset, offset + 1, ... (a block of a full-shard step). ``norms``: a bank's
-    (num_rows,) array of 1/norms, kept up to date for the updated rows (``row_inv_norms``' values).
+    ``index`` None the rows are offset, offset + 1, ... (a block of a full-shard step); then ``norms``, a bank's
+    (num_rows,) array of 1/norms, may be kept up to date for the updated rows (``update_inv_norms``' bits).
     """
     _sgd(weight, mom, index, grad_unit, inv_norm, lr, momentum, wd, offset, norms, False)
 
@@ -205,13 +221,13 @@ def fused_sgd_scaled(weight, mom, index, grad_scaled, inv_norm, lr, momentum, wd
 
 
 def _sgd(weight, mom, index, grad, inv_norm, lr, momentum, wd, offset, norms, scaled):
+    if norms is not None and index is not None:
+        raise ValueError("the 1/norms are kept for updates of consecutive rows (index None) only")
     idx = np.zeros(1, np.int64) if index is None else np.ascontiguousarray(index, dtype=np.int64)
+    keep = norms is not None
     _fused_sgd(weight, mom, idx, index is None, int(offset), np.ascontiguousarray(grad, dtype=np.float32),
                np.ascontiguousarray(inv_norm, dtype=np.float32), np.float32(lr), np.float32(momentum),
-               np.float32(wd), scaled)
-    if norms is not None:
-        n = grad.shape[0]
-        update_inv_norms(weight, norms, idx if index is not None else None, offset, offset + n)
+               np.float32(wd), scaled, norms if keep else np.zeros(1, np.float32), keep)
 
 
 def update_inv_norms(weight, norms, index=None, lo=0, hi=None):
@@ -229,6 +245,8 @@ def row_inv_norms(weight):
 
 
 def gather_rows(weight, index, out):
-    """out[i] = weight[index[i]] (raw rows, for the products), returns out[:len(index)]."""
-    _gather_rows(weight, np.ascontiguousarray(index, dtype=np.int64), out)
-    return out[:len(index)]
+    """(out[:n], 1/norms): out[i] = weight[index[i]] (raw rows, for the products) and its 1/max(||row||, eps)."""
+    n = len(index)
+    inv_norm = np.empty(n, np.float32)
+    _gather_rows(weight, np.ascontiguousarray(index, dtype=np.int64), out, inv_norm)
+    return out[:n], inv_norm

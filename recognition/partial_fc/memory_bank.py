@@ -25,15 +25,19 @@ from recognition.partial_fc.cpu_kernels import INIT_STD, init_key, init_rows
 from recognition.partial_fc.disk_bank import DiskBank
 
 class HostBank(RawRowBank):
-    """The shard and its momentum as NumPy arrays in host memory, and every row's 1/norm, kept up to date by each
-    update (so a full-shard step reads no row before its products)."""
+    """The shard and its momentum as NumPy arrays in host memory.
+
+    For full-shard steps (sample ratio 1.0) it keeps every row's 1/norm, refreshed by each update while the row
+    is in cache, so such a step reads no row before its products; sampled rows get theirs as they are gathered.
+    An update of sampled rows marks the kept norms stale; the next full pull recomputes them."""
 
     def __init__(self, num_local, dim, class_start, seed=0):
         self.num_local, self.dim, self.class_start = int(num_local), int(dim), int(class_start)
         self._w = np.empty((self.num_local, self.dim), dtype=np.float32)
         cpu_kernels.normal_rows(np.arange(self.num_local) + self.class_start, init_key(seed), INIT_STD, self._w)
         self._m = np.zeros_like(self._w)
-        self.inv_norm = cpu_kernels.row_inv_norms(self._w)
+        self._inv_norm = np.empty(self.num_local, np.float32)
+        self._norms_valid = False       # computed at the first full pull
         self._workspace = cpu_kernels.Workspace()   # pulled rows are valid until the next pull
 
     @property
@@ -48,19 +52,28 @@ class HostBank(RawRowBank):
         return cpu_kernels.gather_normalize(self._w, index, self._workspace)
 
     def pull_raw(self, index):
-        if index is None:   # the rows themselves: no copy; the 1/norms copied (the update changes them in place)
-            return self._w, self.inv_norm.copy()
-        rows = cpu_kernels.gather_rows(self._w, index, self._workspace.get("rows", (len(index), self.dim)))
-        return rows, self.inv_norm[index]
+        if index is not None:
+            return cpu_kernels.gather_rows(self._w, index, self._workspace.get("rows", (len(index), self.dim)))
+        if not self._norms_valid:
+            cpu_kernels.update_inv_norms(self._w, self._inv_norm)
+            self._norms_valid = True
+        # the rows themselves, no copy; the 1/norms copied (the update refreshes them in place)
+        return self._w, self._inv_norm.copy()
 
     def apply_grad(self, index, grad_unit, inv_norm, lr, momentum, wd, offset=0):
         """See ``MemoryBank``; with ``index`` None the rows are ``offset ...`` (a pulled block in pieces)."""
         cpu_kernels.fused_sgd(self._w, self._m, index, grad_unit, inv_norm, lr, momentum, wd, offset,
-                              norms=self.inv_norm)
+                              norms=self._kept_norms(index))
 
     def apply_scaled_grad(self, index, grad_scaled, inv_norm, lr, momentum, wd, offset=0):
         cpu_kernels.fused_sgd_scaled(self._w, self._m, index, grad_scaled, inv_norm, lr, momentum, wd, offset,
-                                     norms=self.inv_norm)
+                                     norms=self._kept_norms(index))
+
+    def _kept_norms(self, index):
+        """The norms array an update of rows ``index`` refreshes (None: it does not; then they are stale)."""
+        if index is not None:
+            self._norms_valid = False
+        return self._inv_norm if self._norms_valid else None
 
     def read(self, lo, hi):
         return self._w[lo:hi].copy(), self._m[lo:hi].copy()
@@ -69,7 +82,8 @@ class HostBank(RawRowBank):
         hi = lo + len(weight)
         self._w[lo:hi] = weight
         self._m[lo:hi] = momentum
-        cpu_kernels.update_inv_norms(self._w, self.inv_norm, None, lo, hi)
+        if self._norms_valid:
+            cpu_kernels.update_inv_norms(self._w, self._inv_norm, None, lo, hi)
 
 
 class DeviceBank(MemoryBank):

@@ -127,11 +127,32 @@ def test_raw_rows_and_the_scaled_update_follow_the_reference(tmp_path, bank_kind
         np.testing.assert_allclose(bank.momentum, v, rtol=1e-5, atol=1e-6)
     if bank_kind == "host":     # the kept 1/norms: the bits a fresh computation gives (resume = no resume)
         from recognition.partial_fc.cpu_kernels import row_inv_norms
-        np.testing.assert_array_equal(bank.inv_norm, row_inv_norms(bank.weight.copy()))
+        kept = bank.pull_raw(None)[1]
+        np.testing.assert_array_equal(kept, row_inv_norms(bank.weight.copy()))
         bank.write(4, np.full((2, dim), 3.0, np.float32), np.zeros((2, dim), np.float32))
-        assert bank.inv_norm[4] == bank.inv_norm[5] == np.float32(1 / np.sqrt(9.0 * dim))
+        assert bank.pull_raw(None)[1][4] == bank.pull_raw(None)[1][5] == np.float32(1 / np.sqrt(9.0 * dim))
     if bank_kind == "disk":
         bank.close()
+
+
+def test_kept_norms_after_many_full_updates_are_the_recomputed_bits():
+    """Full-shard updates refresh each row's 1/norm inside the SGD loop (a few rows at a time); a resumed run
+    recomputes them from the rows: both must give the same bits, or a resumed run would drift from a straight
+    one."""
+    from recognition.partial_fc.cpu_kernels import row_inv_norms
+    num_local, dim = 1000, 512
+    bank = HostBank(num_local, dim, class_start=0, seed=3)
+    rng = np.random.default_rng(4)
+    for step in range(4):
+        rows, inv_norm = bank.pull_raw(None)
+        h = (rng.standard_normal((num_local, dim)) * 0.01).astype(np.float32)
+        for lo in range(0, num_local, 300):       # in blocks, as the CPU kernels push them
+            hi = min(lo + 300, num_local)
+            bank.apply_scaled_grad(None, h[lo:hi], inv_norm[lo:hi], 0.5, 0.9, 5e-4, offset=lo)
+        np.testing.assert_array_equal(bank.pull_raw(None)[1], row_inv_norms(bank.weight.copy()))
+    # a sampled update makes them stale; the next full pull recomputes them
+    bank.apply_scaled_grad(np.array([3, 9]), np.ones((2, dim), np.float32), inv_norm[[3, 9]], 0.5, 0.9, 5e-4)
+    np.testing.assert_array_equal(bank.pull_raw(None)[1], row_inv_norms(bank.weight.copy()))
 
 
 def test_scale_columns_matches_numpy():
