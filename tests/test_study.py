@@ -46,6 +46,22 @@ def test_flag_value_and_planned_steps(tmp_path):
     s = study.Study("main", GRIDS["main"], str(tmp_path), str(tmp_path / "r.md"))
     assert s.planned_steps(GRIDS["main"].rows[0], 7500) == 117            # 7500 // (32 x 2 ranks), one epoch
     assert study.Study("tiny", TINY, str(tmp_path), "x").planned_steps(TINY.rows[0], 48) == 2   # --max-steps
+    gap = study.Study("ffc_gap", GRIDS["ffc_gap"], str(tmp_path), "x")     # a row's --num-epochs wins
+    assert [gap.planned_steps(row, 7500) for row in GRIDS["ffc_gap"].rows] == [117, 117, 234, 351]
+
+
+def test_every_grid_compares_rows_it_has_and_reuses_rows_unchanged():
+    for name, grid in GRIDS.items():
+        rows = {row.name: row for row in grid.rows}
+        assert len(rows) == len(grid.rows), name
+        assert all(row.data in grid.datasets for row in grid.rows), name
+        for _, pairs in grid.claims:
+            assert all(a in rows and b in rows for _, a, b in pairs), name
+    # rows shared with the main grid are the same runs (same data, same flags): reused, not rerun
+    main = {row.name: row for row in GRIDS["main"].rows}
+    for row in GRIDS["ffc_gap"].rows:
+        if row.name in main:
+            assert row == main[row.name] and GRIDS["ffc_gap"].datasets[row.data] == GRIDS["main"].datasets[row.data]
 
 
 def test_verifications_never_come_right_before_a_checkpoint():

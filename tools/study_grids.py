@@ -109,6 +109,28 @@ MAIN = Grid(
     ),
 )
 
+# ------------------------------------------------------------------------------------------------ ffc_gap
+# FFC's epoch is its instance loader's: each step also reads an id batch (2x the images of a Partial FC step) and
+# runs the probe forward and backward on 1.5 x the batch on each side (3x the passes). These rows give Partial FC
+# those budgets on the clean set: 2 epochs (the images one FFC epoch reads) and 3 (its probe passes). The two
+# finished MAIN rows are reused, not rerun.
+def _pfc_epochs(name, epochs):
+    return Row(name, "clean", "Partial FC r=1, seed 0, %d epochs" % epochs,
+               _flags(dataset="synthetic", sample_ratio=1.0, seed=0, num_epochs=epochs), cost=float(epochs))
+
+
+_MAIN_ROWS = {row.name: row for row in MAIN.rows}
+FFC_GAP = Grid(
+    title="FFC against Partial FC given FFC's budget: its images and its backbone passes (clean)",
+    datasets={"clean": MAIN.datasets["clean"]},
+    rows=(_MAIN_ROWS["clean_r1.0_s0"], _MAIN_ROWS["clean_ffc"], _pfc_epochs("clean_r1.0_e2", 2),
+          _pfc_epochs("clean_r1.0_e3", 3)),
+    common=_COMMON, curve_points=3,
+    claims=(("3. FFC against Partial FC at equal budgets",
+             [("FFC, 1 epoch - Partial FC r=1.0, 1 epoch (equal epochs)", "clean_ffc", "clean_r1.0_s0"),
+              ("FFC, 1 epoch - Partial FC r=1.0, 2 epochs (equal images)", "clean_ffc", "clean_r1.0_e2"),
+              ("FFC, 1 epoch - Partial FC r=1.0, 3 epochs (equal probe passes)", "clean_ffc", "clean_r1.0_e3")]),))
+
 # ------------------------------------------------------------------------------------------- calibrate
 # The clean r = 1.0 row of MAIN at several difficulties (--spread, --strength), same sizes and schedule.
 def _calibration(spread, strength):
@@ -139,4 +161,4 @@ TINY = Grid(
     claims=(("tiny: r=0.5 against r=1.0", [("r=0.5 - r=1.0", "tiny_r0.5", "tiny_r1.0")]),),
     curve_points=1, checkpoint_every=1)
 
-GRIDS = {"main": MAIN, "calibrate": CALIBRATE, "tiny": TINY}
+GRIDS = {"main": MAIN, "ffc_gap": FFC_GAP, "calibrate": CALIBRATE, "tiny": TINY}
