@@ -93,13 +93,11 @@ def _gather_normalize(weight, index, identity, out, inv_norm):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _inv_norms(weight, index, identity, lo, hi, out):
-    """out[r] = 1 / max(||weight[r]||, NORM_EPS) for the rows r = index[i] (or lo .. hi - 1). Every 1/norm a bank
-    keeps comes from this one compiled loop (C-contiguous float32 rows, one signature), so a norm kept up to date
-    after an update has the same bits as the norm recomputed from the same row after a resume."""
-    n = hi - lo if identity else index.shape[0]
-    for i in range(n):
-        r = lo + i if identity else index[i]
+def _inv_norms(weight, lo, hi, out):
+    """out[r] = 1 / max(||weight[r]||, NORM_EPS) for the rows lo .. hi - 1. Every 1/norm a bank keeps comes from
+    this one compiled loop (C-contiguous float32 rows, one signature), so a norm kept up to date after an update
+    has the same bits as the norm recomputed from the same row after a resume."""
+    for r in range(lo, hi):
         acc = np.float32(0.0)
         for j in range(weight.shape[1]):
             acc += weight[r, j] * weight[r, j]
@@ -147,7 +145,7 @@ def _fused_sgd(weight, mom, index, identity, offset, grad, inv_norm, lr, momentu
                 mom[r, j] = v
                 weight[r, j] = w + v
         if keep:
-            _inv_norms(weight, index, True, offset + lo, offset + hi, norms)
+            _inv_norms(weight, offset + lo, offset + hi, norms)
 
 
 @njit(cache=True, nogil=True, fastmath=True)
@@ -230,12 +228,10 @@ def _sgd(weight, mom, index, grad, inv_norm, lr, momentum, wd, offset, norms, sc
                np.float32(wd), scaled, norms if keep else np.zeros(1, np.float32), keep)
 
 
-def update_inv_norms(weight, norms, index=None, lo=0, hi=None):
-    """norms[r] = 1 / max(||weight[r]||, NORM_EPS) for the rows ``index`` (or lo .. hi - 1) of a C-contiguous
-    float32 ``weight``: the only way a bank's kept 1/norms are computed (see ``_inv_norms``)."""
-    hi = weight.shape[0] if hi is None else hi
-    idx = np.zeros(1, np.int64) if index is None else np.ascontiguousarray(index, dtype=np.int64)
-    _inv_norms(weight, idx, index is None, int(lo), int(hi), norms)
+def update_inv_norms(weight, norms, lo=0, hi=None):
+    """norms[r] = 1 / max(||weight[r]||, NORM_EPS) for the rows lo .. hi - 1 of a C-contiguous float32
+    ``weight``: the only way a bank's kept 1/norms are computed (see ``_inv_norms``)."""
+    _inv_norms(weight, int(lo), int(weight.shape[0] if hi is None else hi), norms)
     return norms
 
 

@@ -6,9 +6,9 @@ The products multiply the bank's raw rows W (``bank_contract.RawRowBank``): z = 
 of the sampled rows is ever written, and at sample ratio 1.0 the products read the bank itself. The logits are
 laid out batch-major (B, k), the scale folded into the embeddings, so oneDNN's softmax runs along contiguous
 rows. The gradient G' = (d loss / d z) scaled by 1/||w|| per column gives both d loss / d (s x) = G' . W and
-h = G'^T . (s x) = (d loss / d unit row) / ||w||, what the bank's ``apply_scaled_grad`` takes. The centre gradient and update go a block
-of rows at a time: each block's product runs here, its SGD step and write-back is a bank job, which the bank
-thread runs while the next block's product (and then the next step's forward) run.
+h = G'^T . (s x) = (d loss / d unit row) / ||w||, what the bank's ``apply_scaled_grad`` takes. The centre
+gradient and update go a block of rows at a time: each block's product runs here, its SGD step and write-back
+is a bank job, which the bank thread runs while the next block's product (and then the next step's forward) run.
 """
 import numpy as np
 

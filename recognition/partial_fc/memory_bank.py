@@ -12,8 +12,9 @@ Where the shard lives:
 * ``DeviceBank`` - NDArrays on an accelerator context (``mx.gpu(i)``);
 * ``DiskBank``   - (``disk_bank.py``) an out-of-core file for shards larger than RAM.
 
-``bank_contract.py`` states what a bank provides. Initial centres are a pure function of (seed, global class id) (``cpu_kernels.init_rows``), so a shard's initial rows are
-the same whatever the world size and whichever bank holds them.
+``bank_contract.py`` states what a bank provides. Initial centres are a pure function of (seed, global class
+id) (``cpu_kernels.init_rows``), so a shard's initial rows are the same whatever the world size and whichever
+bank holds them.
 """
 import numpy as np
 import mxnet as mx
@@ -83,7 +84,7 @@ class HostBank(RawRowBank):
         self._w[lo:hi] = weight
         self._m[lo:hi] = momentum
         if self._norms_valid:
-            cpu_kernels.update_inv_norms(self._w, self._inv_norm, None, lo, hi)
+            cpu_kernels.update_inv_norms(self._w, self._inv_norm, lo, hi)
 
 
 class DeviceBank(MemoryBank):
