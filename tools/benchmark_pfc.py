@@ -13,6 +13,12 @@ centres, D the width): logits B x D . D x k, embedding gradient B x k . k x D, c
   operands laid out as it wants them, also its recorded data gradient; MXNet's ``nd.dot``; numpy's BLAS, on
   transposed copies and on strided views), timed at start-up, and the fastest of each kept. Its centre
   gradient runs over pre-transposed rows in blocks of ``--block-rows`` into one reused buffer.
+- The **bank floor** (``BankPasses``, same process) is the memory traffic any host-memory bank of weights and
+  momenta must add to the products: gather the k sampled rows of a (num_local x D) shard into the products'
+  operand (none at ratio 1.0, where the products can read the shard itself), and one SGD-with-momentum pass
+  over those rows (read weight, momentum and gradient, write weight and momentum). Plain loops of this file,
+  without the normalisation the head adds. It is reported beside the products' floor (``bank_floor_ms``,
+  ``ratio_with_bank``), not inside ``ratio``.
 - The **chosen floor** is the head's own products (``recognition/partial_fc/products.py``) with the kernels the
   head picked at its first step, timed alone in the benchmark's process as the head runs them.
 
@@ -20,7 +26,8 @@ The machine may be shared, so step and floors are interleaved: the ``--steps`` t
 ``--rounds`` rounds, every step is followed by one of each floor, and a round's ratio is its median step over its
 median floor. The results are the median of the rounds' ratios with their min and max. The last line printed
 (rank 0) is one JSON object: ratio / ratio_min / ratio_max (step / independent floor), ratio_chosen (step /
-chosen floor), ms_per_step, floor_ms, chosen_floor_ms, the kernels and per-product ms of both floors, the
+chosen floor), ratio_with_bank (step / independent floor + bank floor), ms_per_step, floor_ms, bank_floor_ms,
+chosen_floor_ms, the kernels and per-product ms of both floors, the
 head's choice and its timings, phase_ms (median ms of each phase), peak_anon_mb_per_rank, cpu, blas, ...
 """
 import argparse
@@ -32,6 +39,7 @@ import sys
 import time
 
 import numpy as np
+from numba import njit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -61,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--floor-rounds", type=int, default=2, help="timed rounds of the independent floor's kernel "
                    "choice (after one warm-up round; each kernel's best counts)")
     p.add_argument("--no-floor", action="store_true", help="skip both floors (e.g. for out-of-core runs)")
+    p.add_argument("--no-bank-floor", action="store_true", help="skip the bank floor (it holds another copy of "
+                   "the shard and its momentum per rank)")
     return p.parse_args(argv)
 
 
@@ -141,10 +151,54 @@ class FloorProducts:
         return time.perf_counter() - start
 
 
-def floor_worker(conn, batch, k, dim, block_rows, rounds):
+@njit(cache=True, nogil=True)
+def _gather(weight, index, out):
+    for i in range(index.shape[0]):
+        out[i, :] = weight[index[i], :]
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def _sgd_rows(weight, mom, index, grad, lr, momentum, wd):
+    for i in range(index.shape[0]):
+        r = index[i]
+        for j in range(weight.shape[1]):
+            w = weight[r, j]
+            v = momentum * mom[r, j] - lr * (grad[i, j] + wd * w)
+            mom[r, j] = v
+            weight[r, j] = w + v
+
+
+class BankPasses:
+    """The bank floor: a shard of ``num_local`` rows and its momentum, ``k`` sampled rows (sorted, uniformly
+    random; all rows when k == num_local). ``run`` times the gather of those rows into a (k x D) operand (skipped
+    when every row is sampled) and an SGD-with-momentum pass over them."""
+
+    def __init__(self, num_local, k, dim):
+        rng = np.random.default_rng(2)
+        self.weight = np.full((num_local, dim), 0.01, np.float32)    # every page written: no zero-page reads
+        self.mom = np.full((num_local, dim), 0.001, np.float32)
+        self.grad = rng.standard_normal((k, dim), dtype=np.float32)
+        self.out = np.empty((k, dim), np.float32) if k < num_local else None
+        self.index = (np.sort(rng.choice(num_local, k, replace=False)) if k < num_local
+                      else np.arange(num_local)).astype(np.int64)
+        self.run()      # compile
+
+    def run(self):
+        """{'gather': s, 'update': s} of one pull and one update (lr 1e-6: the values stay put)."""
+        start = time.perf_counter()
+        if self.out is not None:
+            _gather(self.weight, self.index, self.out)
+        mid = time.perf_counter()
+        _sgd_rows(self.weight, self.mom, self.index, self.grad, np.float32(1e-6), np.float32(0.9), np.float32(5e-4))
+        return {"gather": mid - start, "update": time.perf_counter() - mid}
+
+
+def floor_worker(conn, batch, k, dim, block_rows, rounds, num_local=0):
     """The independent floor's process: time every kernel (one warm-up round, then ``rounds``), report the
-    fastest of each product, then answer each request with one timing of those three products (ms)."""
+    fastest of each product, then answer each request with one timing of those three products (ms), and of the
+    bank floor's passes when ``num_local`` (the shard's rows) is given."""
     floor = FloorProducts(batch, k, dim, block_rows)
+    bank = BankPasses(num_local, k, dim) if num_local else None
     best = {p: {kernel: float("inf") for kernel in FLOOR_KERNELS[p]} for p in PRODUCTS}
     for done in range(rounds + 1):
         for product in PRODUCTS:
@@ -156,16 +210,18 @@ def floor_worker(conn, batch, k, dim, block_rows, rounds):
     conn.send({"kernels": kernels, "candidate_ms": {p: {kn: round(1000 * s, 2) for kn, s in best[p].items()}
                                                     for p in PRODUCTS}})
     while conn.recv():
-        conn.send({p: 1000.0 * floor.run(p, kernels[p]) for p in PRODUCTS})
+        ms = {p: 1000.0 * floor.run(p, kernels[p]) for p in PRODUCTS}
+        bank_ms = {name: 1000.0 * s for name, s in bank.run().items()} if bank is not None else {}
+        conn.send((ms, bank_ms))
 
 
 class FloorWorker:
     """The independent floor in a fresh process (spawned: no head, no Horovod), asked for one timing at a time."""
 
-    def __init__(self, batch, k, dim, block_rows, rounds):
+    def __init__(self, batch, k, dim, block_rows, rounds, num_local=0):
         self._conn, child = multiprocessing.get_context("spawn").Pipe()
         self._proc = multiprocessing.get_context("spawn").Process(
-            target=floor_worker, args=(child, batch, k, dim, block_rows, rounds), daemon=True)
+            target=floor_worker, args=(child, batch, k, dim, block_rows, rounds, num_local), daemon=True)
         self._proc.start()
         child.close()
         self.info = self._receive()
@@ -177,6 +233,7 @@ class FloorWorker:
             raise RuntimeError("the floor process died (exit code %s)" % self._proc.exitcode) from None
 
     def time_ms(self):
+        """({product: ms}, {bank pass: ms}) of one timing (the second empty without a bank floor)."""
         self._conn.send(True)
         return self._receive()
 
@@ -226,10 +283,10 @@ def ratios(step_ms, floor_ms):
             [round(r, 3) for r in per_round])
 
 
-def product_medians(floor_ms):
-    """{product: median ms}, and the median total, over every timed floor."""
+def product_medians(floor_ms, names=PRODUCTS):
+    """{product: median ms}, and the median total, over every timed floor (``names``: its parts)."""
     every = [f for fl in floor_ms for f in fl]
-    return ({p: round(float(np.median([f[p] for f in every])), 2) for p in PRODUCTS},
+    return ({p: round(float(np.median([f[p] for f in every])), 2) for p in names},
             round(float(np.median([sum(f.values()) for f in every])), 2))
 
 
@@ -253,7 +310,8 @@ def main(argv=None):
     if not args.no_floor:       # before the head exists, on every rank at once (the ranks' products overlap)
         barrier()
         t0 = time.perf_counter()
-        floor = FloorWorker(batch, k, dim, args.block_rows, args.floor_rounds)
+        floor = FloorWorker(batch, k, dim, args.block_rows, args.floor_rounds,
+                            0 if args.no_bank_floor else end - start)
         if rank == 0:
             print("independent floor (%.1f s): %s" % (time.perf_counter() - t0, json.dumps(floor.info)), flush=True)
         barrier()
@@ -277,7 +335,7 @@ def run_steps(args, pfc, floor, batch, k, dim, head_block_rows, rank, size, barr
     """The warm-up and timed steps, each followed by both floors; returns the result dict (rank's own)."""
     rng = np.random.default_rng([1, rank])
     chosen = None
-    step_ms, floor_ms, chosen_ms = ([[] for _ in range(args.rounds)] for _ in range(3))
+    step_ms, floor_ms, chosen_ms, bank_ms = ([[] for _ in range(args.rounds)] for _ in range(4))
     peak_anon = anon_rss_mb()
     round_of = np.repeat(np.arange(args.rounds), [len(c) for c in np.array_split(np.arange(args.steps), args.rounds)])
     step_phases = []      # per timed step: {phase: ms}
@@ -296,23 +354,26 @@ def run_steps(args, pfc, floor, batch, k, dim, head_block_rows, rank, size, barr
         choice = getattr(pfc._head, "choice", None)     # the CPU kernel set's products (None: the NDArray set)
         if floor is not None and chosen is None and choice is not None:
             chosen = ChosenFloor(choice, batch, k, dim, head_block_rows)
-        # the floors are timed right after each step, so all see the same machine load
+        # the floors are timed right after each step, so all see the same machine load (the bank floor with
+        # the products' floor, in its process)
         barrier()
-        indep = floor.time_ms() if floor is not None else None
+        indep, bank = floor.time_ms() if floor is not None else (None, None)
         barrier()
         own = chosen.time_ms() if chosen is not None else None
         r = round_of[step - args.warmup] if step >= args.warmup else -1
         if step >= args.warmup:
             step_ms[r].append(elapsed)
             floor_ms[r].append(indep)
+            bank_ms[r].append(bank)
             chosen_ms[r].append(own)
             step_phases.append({name: 1000.0 * (v - before.get(name, 0.0)) for name, v in pfc.timings.items()})
         peak_anon = max(peak_anon, anon_rss_mb())
         if rank == 0:
             eta = (time.perf_counter() - started) / (step + 1) * (total - step - 1)
-            print("step %3d/%d %s %8.1f ms  (floor %s, chosen %s ms)  loss %.4f  ETA %.0f s"
+            print("step %3d/%d %s %8.1f ms  (floor %s, bank %s, chosen %s ms)  loss %.4f  ETA %.0f s"
                   % (step + 1, total, "warm-up  " if step < args.warmup else "round %d/%d" % (r + 1, args.rounds),
                      elapsed, "%.1f" % sum(indep.values()) if indep else "-",
+                     "%.1f" % sum(bank.values()) if bank else "-",
                      "%.1f" % sum(own.values()) if own else "-", loss, eta), flush=True)
     phases = {name: float(np.median([p.get(name, 0.0) for p in step_phases])) for name in step_phases[-1]}
     result = {
@@ -325,6 +386,11 @@ def run_steps(args, pfc, floor, batch, k, dim, head_block_rows, rank, size, barr
         result["ratio"], result["ratio_min"], result["ratio_max"], result["round_ratios"] = ratios(step_ms, floor_ms)
         result["floor_product_ms"], result["floor_ms"] = product_medians(floor_ms)
         result["floor_kernels"], result["floor_candidate_ms"] = floor.info["kernels"], floor.info["candidate_ms"]
+        if not args.no_bank_floor:      # products + bank passes, timed together after each step
+            with_bank = [[{**f, **b} for f, b in zip(fl, bl)] for fl, bl in zip(floor_ms, bank_ms)]
+            result["ratio_with_bank"], result["ratio_with_bank_min"], result["ratio_with_bank_max"], _ = \
+                ratios(step_ms, with_bank)
+            result["bank_floor_pass_ms"], result["bank_floor_ms"] = product_medians(bank_ms, names=("gather", "update"))
     if chosen is not None:
         (result["ratio_chosen"], result["ratio_chosen_min"], result["ratio_chosen_max"],
          result["round_ratios_chosen"]) = ratios(step_ms, chosen_ms)
