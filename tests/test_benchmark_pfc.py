@@ -1,9 +1,10 @@
-"""tools/benchmark_pfc.py's floors: every kernel of the independent floor against NumPy float64, its process's
-protocol, and the chosen floor on the head's products."""
+"""tools/benchmark_pfc.py's floors: every kernel of the independent floor (tools/pfc_floor.py) against NumPy
+float64, the bank floor's passes, the floor process's protocol, and the chosen floor on the head's products."""
 import numpy as np
 import pytest
 
-from tools.benchmark_pfc import FLOOR_KERNELS, BankPasses, ChosenFloor, FloorProducts, FloorWorker, ratios
+from tools.benchmark_pfc import ChosenFloor, ratios
+from tools.pfc_floor import FLOOR_KERNELS, BankPasses, FloorProducts, FloorWorker
 
 B, K, D, BLOCK = 6, 70, 12, 32     # 70 = 2 full blocks and a partial one
 

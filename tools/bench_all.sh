@@ -27,9 +27,9 @@ for line in sys.stdin:
     print(json.dumps(dict(bench='$name', **json.loads(line))))" >> "$OUT/summary.jsonl"
 }
 
-# head vs the independent product floor (a separate process per rank, the fastest kernel of each product, and the
-# bank floor: the sampled rows' gather and SGD pass) and vs
-# the head's own chosen products: 3 rounds of interleaved step / floor timings, median ratios with min and max
+# head vs the independent product floor (a separate process per rank, the fastest kernel of each product; beside
+# it the bank floor: the sampled rows' gather and SGD pass) and vs the head's own chosen products: 3 rounds of
+# interleaved step / floor timings, median ratios with min and max
 run pfc_100k_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 100000 --sample-ratio 0.1 --steps 21 --rounds 3
 run pfc_1m_r0.1 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 0.1 --steps 21 --rounds 3
 run pfc_1m_r1.0 $HVD python tools/benchmark_pfc.py --num-classes 1000000 --sample-ratio 1.0 --steps 9 --rounds 3
